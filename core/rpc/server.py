@@ -1,0 +1,511 @@
+"""The msgpack-RPC server: one unix socket, many connections, many requests per connection.
+
+Per connection, a reader task decodes frames and starts one task per request, up to
+``max_concurrent_requests``; past that it stops reading, so a client that floods the socket is slowed
+by the kernel's socket buffer rather than by the daemon's memory (back-pressure). Responses and stream
+items go out through one writer lock per connection; a client that stops reading blocks only its own
+requests. A bad frame is answered to that client and to nobody else:
+
+* valid msgpack that is not a valid request: an error response (or a ``$error`` notification when the
+  frame has no usable msgid); the connection stays open;
+* bytes that are not msgpack, or a message over ``max_message_size``: a ``$error`` notification,
+  then the connection is closed (the stream cannot be resynchronised).
+
+When a client disconnects, its in-flight requests are cancelled.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+import structlog
+import trio
+
+from berth.core.errdefs import (
+    AlreadyExists,
+    BerthError,
+    Canceled,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+    error_to_wire,
+)
+from berth.core.rpc.protocol import (
+    ERROR,
+    NOTIFICATION,
+    RESPONSE,
+    STREAM,
+    CallMeta,
+    CancelFrame,
+    FrameError,
+    new_unpacker,
+    pack,
+    parse_client_frame,
+)
+
+__all__ = [
+    "Call",
+    "inline",
+    "streaming",
+    "Handler",
+    "PeerCredentials",
+    "RPCServer",
+    "RPCService",
+    "current_call",
+    "serve_unix",
+]
+
+log = structlog.get_logger("berth.rpc")
+
+Handler = Callable[["Call", dict[str, Any]], Awaitable[Any]]
+
+#: The call being served by the current task (set for the handler's whole run).
+current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("berth_current_call")
+
+_RECEIVE_SIZE = 256 * 1024
+
+
+def streaming(handler: Handler) -> Handler:
+    """Mark a handler as a server stream (it sends items with :meth:`Call.send` until it returns).
+
+    A graceful shutdown waits for ordinary requests to finish but cancels streams at once.
+    """
+    handler.berth_streaming = True  # type: ignore[attr-defined]
+    return handler
+
+
+def is_streaming(handler: Handler) -> bool:
+    return getattr(handler, "berth_streaming", False) is True
+
+
+def inline(handler: Handler) -> Handler:
+    """Mark a handler as one that answers from memory without waiting on anything.
+
+    An inline handler runs in its connection's reader task instead of a task of its own, which
+    saves a task spawn per call; while it runs, that connection's next frames wait. Use it only for
+    handlers that never block (no I/O, no threads, no locks that may be held).
+    """
+    handler.berth_inline = True  # type: ignore[attr-defined]
+    return handler
+
+
+def is_inline(handler: Handler | None) -> bool:
+    return getattr(handler, "berth_inline", False) is True
+
+
+class RPCService(Protocol):
+    """What an ``io.berth.rpc.v1`` plugin's ``init`` returns: methods by full name (``images.list``)."""
+
+    def rpc_methods(self) -> Mapping[str, Handler]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """The connecting process as the kernel reports it (``SO_PEERCRED``); ``-1`` when unknown."""
+
+    pid: int = -1
+    uid: int = -1
+    gid: int = -1
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> PeerCredentials:
+        data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", data)
+        return cls(pid, uid, gid)
+
+
+@dataclass(eq=False, slots=True)
+class Call:
+    """One request being served: its metadata, its caller, and a way to stream items back."""
+
+    method: str
+    msgid: int
+    meta: CallMeta
+    peer: PeerCredentials
+    _connection: _Connection
+
+    @property
+    def namespace(self) -> str:
+        return self.meta.namespace
+
+    async def send(self, item: Any) -> None:
+        """Stream one item to the caller ahead of the response. Blocks while the caller is not reading.
+
+        Raises:
+            trio.BrokenResourceError: the caller has gone (the request is being cancelled).
+        """
+        await self._connection.send([NOTIFICATION, STREAM, [self.msgid, item]])
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One client connection.
+
+    On a real socket, sends and receives first try the non-blocking system call directly and only
+    go through trio's stream (which parks the task until the socket is ready) when it would block:
+    a request/response round trip then costs two scheduler passes fewer.
+    """
+
+    stream: trio.abc.Stream
+    peer: PeerCredentials
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    in_flight: dict[int, trio.CancelScope] = field(default_factory=dict)
+    cancelled: set[int] = field(default_factory=set)
+    raw: socket.socket | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stream, trio.SocketStream):
+            self.raw = socket.socket(fileno=self.stream.socket.fileno())
+            self.raw.setblocking(False)
+
+    def detach(self) -> None:
+        if self.raw is not None:
+            self.raw.detach()  # the fd belongs to the trio stream, which closes it
+            self.raw = None
+
+    async def send(self, message: Any) -> None:
+        data = pack(message)
+        if self.raw is not None and not self.send_lock.locked():
+            try:
+                sent = self.raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as err:
+                raise trio.BrokenResourceError(str(err)) from err
+            if sent == len(data):
+                return
+            data = data[sent:]
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    async def receive(self) -> bytes:
+        if self.raw is not None:
+            while True:
+                try:
+                    return self.raw.recv(_RECEIVE_SIZE)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.raw)
+                except OSError as err:
+                    raise trio.BrokenResourceError(str(err)) from err
+        return await self.stream.receive_some(_RECEIVE_SIZE)
+
+
+class RPCServer:
+    """Dispatches requests to handlers; serve any number of connections with :meth:`serve_connection`.
+
+    Args:
+        methods: handlers by full method name.
+        max_message_size: the largest message accepted, in bytes.
+        max_concurrent_requests: requests in flight per connection before reading pauses.
+        authorize: decides whether a peer may talk to the daemon; a refused peer gets
+            ``permission_denied`` and is disconnected.
+    """
+
+    def __init__(
+        self,
+        methods: Mapping[str, Handler],
+        *,
+        max_message_size: int,
+        max_concurrent_requests: int = 128,
+        authorize: Callable[[PeerCredentials], bool] = lambda _: True,
+    ) -> None:
+        self.methods = dict(methods)
+        self.max_message_size = max_message_size
+        self.max_concurrent_requests = max_concurrent_requests
+        self.authorize = authorize
+        self.connections = 0
+        #: Requests being served that are not streams (a graceful shutdown waits for these).
+        self.active_requests = 0
+
+    @classmethod
+    def from_services(cls, services: Iterable[RPCService], **kwargs: Any) -> RPCServer:
+        """Build a server from services; two services offering one method name is an error.
+
+        Raises:
+            AlreadyExists: naming the method offered twice.
+        """
+        methods: dict[str, Handler] = {}
+        for service in services:
+            for name, handler in service.rpc_methods().items():
+                if name in methods:
+                    raise AlreadyExists(f"RPC method {name} is offered by two services")
+                methods[name] = handler
+        return cls(methods, **kwargs)
+
+    async def serve_connection(self, stream: trio.abc.Stream, peer: PeerCredentials | None = None) -> None:
+        """Serve one connection until the peer closes it or sends bytes that cannot be decoded.
+
+        Cancelling this cancels every request of the connection. Always closes ``stream``.
+        """
+        connection = _Connection(stream, peer or PeerCredentials())
+        self.connections += 1
+        try:
+            async with stream:
+                if not self.authorize(connection.peer):
+                    await _send_quietly(connection, [NOTIFICATION, ERROR, [error_to_wire(PermissionDenied(
+                        f"uid {connection.peer.uid} may not use this socket"))]])
+                    log.warning("rpc_peer_refused", pid=connection.peer.pid, uid=connection.peer.uid)
+                    return
+                async with trio.open_nursery() as nursery:
+                    await self._read_loop(connection, nursery)
+                    nursery.cancel_scope.cancel()
+        finally:
+            connection.detach()
+            self.connections -= 1
+
+    async def _read_loop(self, connection: _Connection, nursery: trio.Nursery) -> None:
+        unpacker = new_unpacker(self.max_message_size)
+        slots = trio.Semaphore(self.max_concurrent_requests)
+        while True:
+            try:
+                data = await connection.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            try:
+                unpacker.feed(data)
+            except msgpack.BufferFull:
+                await self._fatal(connection, ResourceExhausted(
+                    f"message larger than max_message_size ({self.max_message_size} bytes)"))
+                return
+            while True:
+                try:
+                    frame = unpacker.unpack()
+                except msgpack.OutOfData:
+                    break
+                except Exception as err:  # msgpack raises several unrelated types on bad bytes
+                    await self._fatal(connection, InvalidArgument(f"malformed msgpack: {err}"))
+                    return
+                try:
+                    parsed = parse_client_frame(frame)
+                except FrameError as err:
+                    await self._reply_error(connection, err.msgid, err)
+                    continue
+                if isinstance(parsed, CancelFrame):
+                    scope = connection.in_flight.get(parsed.msgid)
+                    if scope is not None:
+                        connection.cancelled.add(parsed.msgid)
+                        scope.cancel()
+                    continue
+                if parsed.msgid in connection.in_flight:
+                    await self._reply_error(connection, None, InvalidArgument(
+                        f"msgid {parsed.msgid} is already in flight on this connection"))
+                    continue
+                try:
+                    slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await slots.acquire()  # back-pressure: stop reading until a request finishes
+                scope = trio.CancelScope()
+                if parsed.meta.deadline is not None:
+                    scope.deadline = trio.current_time() + (parsed.meta.deadline - time.time())
+                connection.in_flight[parsed.msgid] = scope
+                call = Call(parsed.method, parsed.msgid, parsed.meta, connection.peer, connection)
+                if is_inline(self.methods.get(parsed.method)):
+                    await self._run_call(connection, call, parsed.args, scope, slots)
+                else:
+                    nursery.start_soon(self._run_call, connection, call, parsed.args, scope, slots)
+
+    async def _run_call(self, connection: _Connection, call: Call, args: dict[str, Any],
+                        scope: trio.CancelScope, slots: trio.Semaphore) -> None:
+        error: BerthError | None = None
+        result: Any = None
+        handler = self.methods.get(call.method)
+        counted = handler is not None and not is_streaming(handler)
+        if counted:
+            self.active_requests += 1
+        try:
+            with scope:
+                if handler is None:
+                    raise Unimplemented(f"unknown method {call.method!r}")
+                token = current_call.set(call)
+                try:
+                    result = await handler(call, args)
+                finally:
+                    current_call.reset(token)
+            if scope.cancelled_caught:
+                if call.msgid in connection.cancelled:
+                    error = Canceled(f"{call.method} was cancelled by the client")
+                else:
+                    error = DeadlineExceeded(f"{call.method} did not finish before the deadline")
+        except BerthError as err:
+            error = err
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the peer has gone while we streamed to it
+        except Exception as err:
+            log.exception("rpc_handler_failed", method=call.method)
+            error = Internal(f"{call.method} failed: {type(err).__name__}: {err}")
+        finally:
+            if counted:
+                self.active_requests -= 1
+            connection.in_flight.pop(call.msgid, None)
+            connection.cancelled.discard(call.msgid)
+            slots.release()
+        if error is None:
+            message = [RESPONSE, call.msgid, None, result]
+        else:
+            message = [RESPONSE, call.msgid, error_to_wire(error), None]
+        try:
+            await connection.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except (TypeError, ValueError, OverflowError) as err:  # a result msgpack cannot carry
+            log.error("rpc_result_unencodable", method=call.method, error=str(err))
+            await _send_quietly(connection, [RESPONSE, call.msgid, error_to_wire(
+                Internal(f"{call.method} returned a result that cannot be encoded: {err}")), None])
+
+    async def _reply_error(self, connection: _Connection, msgid: int | None, error: BerthError) -> None:
+        if msgid is None:
+            await _send_quietly(connection, [NOTIFICATION, ERROR, [error_to_wire(error)]])
+        else:
+            await _send_quietly(connection, [RESPONSE, msgid, error_to_wire(error), None])
+
+    async def _fatal(self, connection: _Connection, error: BerthError) -> None:
+        log.info("rpc_connection_dropped", reason=error.message, pid=connection.peer.pid)
+        with trio.move_on_after(1):
+            await _send_quietly(connection, [NOTIFICATION, ERROR, [error_to_wire(error)]])
+
+
+async def _send_quietly(connection: _Connection, message: Any) -> None:
+    try:
+        await connection.send(message)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def _peer_in_group(peer: PeerCredentials, gid: int) -> bool:
+    if peer.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{peer.pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return str(gid) in line.split()[1:]
+    except OSError:
+        return False
+    return False
+
+
+def socket_authorizer(gid: int) -> Callable[[PeerCredentials], bool]:
+    """Allow root, berthd's own uid, and (when ``gid`` is not 0) members of group ``gid``."""
+    own = os.geteuid()
+
+    def authorize(peer: PeerCredentials) -> bool:
+        if peer.uid in (0, own):
+            return True
+        return gid != 0 and _peer_in_group(peer, gid)
+
+    return authorize
+
+
+def _probe_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(str(path))
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+def bind_unix_socket(path: Path, *, gid: int) -> socket.socket:
+    """Bind and listen on ``path`` with mode 0660 and group ``gid``, replacing a stale socket.
+
+    The socket is bound under a temporary name, given its mode and owner, then renamed into place,
+    so it never exists at ``path`` with looser permissions.
+
+    Raises:
+        Unavailable: another process is serving on ``path``.
+        InvalidArgument: ``path`` exists and is not a socket.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise InvalidArgument(f"{path} exists and is not a socket")
+        if _probe_live(path):
+            raise Unavailable(f"another daemon is serving on {path}")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(temporary))
+        os.chmod(temporary, 0o660)
+        os.chown(temporary, -1, gid)
+        sock.listen(1024)
+        os.replace(temporary, path)
+    except BaseException:
+        sock.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    return sock
+
+
+async def serve_unix(
+    server: RPCServer,
+    path: Path,
+    *,
+    gid: int = 0,
+    stop: trio.Event | None = None,
+    grace: float = 0.0,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on the unix socket ``path`` and serve every connection.
+
+    Reports readiness through ``task_status`` once the socket accepts connections. Runs until
+    cancelled, or until ``stop`` is set: then it stops accepting, removes the socket file, waits up
+    to ``grace`` seconds for requests in flight (streams are not waited for) and returns, cancelling
+    what is left.
+    """
+    sock = bind_unix_socket(path, gid=gid)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    try:
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(_accept_loop, server, listener, connections)
+                task_status.started()
+                await (stop.wait() if stop is not None else trio.sleep_forever())
+                accepting.cancel_scope.cancel()
+            await listener.aclose()
+            _remove_socket(path)
+            with trio.move_on_after(grace):
+                while server.active_requests:
+                    await trio.sleep(0.01)
+            connections.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await listener.aclose()
+        _remove_socket(path)
+
+
+async def _accept_loop(server: RPCServer, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    while True:
+        stream = await listener.accept()
+        try:
+            peer = PeerCredentials.of(stream.socket)  # type: ignore[arg-type]
+        except OSError:
+            peer = PeerCredentials()
+        nursery.start_soon(server.serve_connection, stream, peer)
+
+
+def _remove_socket(path: Path) -> None:
+    try:
+        if path.is_socket():
+            path.unlink()
+    except OSError:
+        pass
