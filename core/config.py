@@ -175,7 +175,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _resolve_imports(path: Path, imports: Sequence[str]) -> list[Path]:
-    out = []
+    out: list[Path] = []
     for pattern in imports:
         full = pattern if os.path.isabs(pattern) else str(path.parent / pattern)
         if glob.has_magic(full):

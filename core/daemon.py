@@ -16,14 +16,14 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import trio
 
 from berth.core import __version__
 from berth.core.config import LoadedConfig
-from berth.core.errdefs import BerthError, FailedPrecondition
+from berth.core.errdefs import FailedPrecondition
 from berth.core.plugin.graph import plugin_graph
 from berth.core.plugin.manager import LoadError
 from berth.core.plugin.registration import (
@@ -98,7 +98,7 @@ class Daemon:
             await self._init_plugins(stack)
             self._check_required()
             self._log_summary()
-            services: list[RPCService] = list(self.plugins.get_by_type(PluginType.RPC).values())
+            services = [cast(RPCService, s) for s in self.plugins.get_by_type(PluginType.RPC).values()]
             self.rpc_server = RPCServer.from_services(
                 services,
                 max_message_size=self.config.rpc.max_message_size,

@@ -116,7 +116,7 @@ def decode(tp: type[T], value: Any, path: Sequence[str] = ()) -> T:
     return _decode(tp, value, tuple(path))  # type: ignore[no-any-return]
 
 
-def _decode(tp: Any, value: Any, path: tuple[str, ...]) -> Any:  # noqa: C901, PLR0911, PLR0912
+def _decode(tp: Any, value: Any, path: tuple[str, ...]) -> Any:
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):

@@ -157,7 +157,7 @@ class _Parser:
 
     def quoted(self, quote: str) -> str:
         self.pos += 1
-        out = []
+        out: list[str] = []
         while self.pos < len(self.text):
             char = self.text[self.pos]
             self.pos += 1

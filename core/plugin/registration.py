@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import enum
 import re
@@ -49,7 +50,7 @@ def plugin_ref(plugin_type: str, default: str = "", *, doc: str = "") -> Any:
     return dataclasses.field(default=default, metadata={PLUGIN_REF: plugin_type, "doc": doc})
 
 
-class SkipPlugin(Exception):  # noqa: N818 - containerd's name
+class SkipPlugin(Exception):
     """Raised by ``init`` when the plugin does not apply here (not a failure: status ``skip``)."""
 
 
@@ -70,7 +71,7 @@ class Registration:
     id: str
     init: InitFn
     requires: tuple[str, ...] = ()
-    config: type | None = None
+    config: builtins.type[Any] | None = None
 
     @property
     def uri(self) -> str:

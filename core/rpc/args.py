@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from berth.core.decode import DecodeError, decode
 from berth.core.errdefs import InvalidArgument
-from berth.core.rpc.server import Call, Handler
+from berth.core.rpc.server import Handler
 
 __all__ = ["decode_args", "typed_args"]
 

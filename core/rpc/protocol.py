@@ -142,6 +142,8 @@ def _parse_meta(raw: Any, msgid: int) -> CallMeta:
     deadline = raw.get("deadline")
     if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, int | float)):
         raise FrameError(f"meta.deadline must be a number, got {type(deadline).__name__}", msgid)
+    if deadline is not None and deadline != deadline:  # NaN is no point in time (trio refuses it)
+        raise FrameError("meta.deadline must be a number, got NaN", msgid)
     return CallMeta(namespace=namespace, lease=lease, deadline=None if deadline is None else float(deadline))
 
 

@@ -16,6 +16,7 @@ When a client disconnects, its in-flight requests are cancelled.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import socket
@@ -24,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import structlog
@@ -58,19 +59,21 @@ from berth.core.rpc.protocol import (
 
 __all__ = [
     "Call",
-    "inline",
-    "streaming",
     "Handler",
     "PeerCredentials",
     "RPCServer",
     "RPCService",
     "current_call",
+    "inline",
     "serve_unix",
+    "streaming",
 ]
 
 log = structlog.get_logger("berth.rpc")
 
-Handler = Callable[["Call", dict[str, Any]], Awaitable[Any]]
+#: ``async def handler(call, args) -> result`` (a bound method counts: it is called the same way).
+Handler = Callable[..., Awaitable[Any]]
+H = TypeVar("H", bound=Handler)
 
 #: The call being served by the current task (set for the handler's whole run).
 current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("berth_current_call")
@@ -78,7 +81,7 @@ current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("berth_curre
 _RECEIVE_SIZE = 256 * 1024
 
 
-def streaming(handler: Handler) -> Handler:
+def streaming(handler: H) -> H:
     """Mark a handler as a server stream (it sends items with :meth:`Call.send` until it returns).
 
     A graceful shutdown waits for ordinary requests to finish but cancels streams at once.
@@ -91,7 +94,7 @@ def is_streaming(handler: Handler) -> bool:
     return getattr(handler, "berth_streaming", False) is True
 
 
-def inline(handler: Handler) -> Handler:
+def inline(handler: H) -> H:
     """Mark a handler as one that answers from memory without waiting on anything.
 
     An inline handler runs in its connection's reader task instead of a task of its own, which
@@ -191,7 +194,7 @@ class _Connection:
         async with self.send_lock:
             await self.stream.send_all(data)
 
-    async def receive(self) -> bytes:
+    async def receive(self) -> bytes | bytearray:
         if self.raw is not None:
             while True:
                 try:
@@ -229,6 +232,13 @@ class RPCServer:
         self.connections = 0
         #: Requests being served that are not streams (a graceful shutdown waits for these).
         self.active_requests = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no request other than streams is being served."""
+        while not self._idle.is_set():
+            await self._idle.wait()
 
     @classmethod
     def from_services(cls, services: Iterable[RPCService], **kwargs: Any) -> RPCServer:
@@ -326,6 +336,8 @@ class RPCServer:
         handler = self.methods.get(call.method)
         counted = handler is not None and not is_streaming(handler)
         if counted:
+            if not self.active_requests:
+                self._idle = trio.Event()
             self.active_requests += 1
         try:
             with scope:
@@ -351,6 +363,8 @@ class RPCServer:
         finally:
             if counted:
                 self.active_requests -= 1
+                if not self.active_requests:
+                    self._idle.set()
             connection.in_flight.pop(call.msgid, None)
             connection.cancelled.discard(call.msgid)
             slots.release()
@@ -380,10 +394,8 @@ class RPCServer:
 
 
 async def _send_quietly(connection: _Connection, message: Any) -> None:
-    try:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await connection.send(message)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
 
 
 def _peer_in_group(peer: PeerCredentials, gid: int) -> bool:
@@ -479,13 +491,14 @@ async def serve_unix(
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(_accept_loop, server, listener, connections)
                 task_status.started()
-                await (stop.wait() if stop is not None else trio.sleep_forever())
+                if stop is None:
+                    await trio.sleep_forever()
+                await stop.wait()
                 accepting.cancel_scope.cancel()
             await listener.aclose()
             _remove_socket(path)
             with trio.move_on_after(grace):
-                while server.active_requests:
-                    await trio.sleep(0.01)
+                await server.wait_idle()
             connections.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

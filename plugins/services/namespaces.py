@@ -54,7 +54,7 @@ class NamespaceStore:
         except KeyError:
             raise NotFound(f"namespace {name} not found") from None
 
-    def list(self) -> list[Namespace]:
+    def list_all(self) -> list[Namespace]:
         return sorted(self._namespaces.values(), key=lambda n: n.name)
 
     def update(self, name: str, labels: Mapping[str, str], fieldpaths: list[str]) -> Namespace:
@@ -129,9 +129,9 @@ class NamespacesRPC:
 
     @inline
     @typed_args(ListArgs)
-    async def list(self, call: Call, args: ListArgs) -> dict[str, Any]:
+    async def list_namespaces(self, call: Call, args: ListArgs) -> dict[str, Any]:
         matcher = parse_filters(args.filters)
-        wire = [n.to_wire() for n in self.store.list()]
+        wire = [n.to_wire() for n in self.store.list_all()]
         return {"namespaces": [n for n in wire if matcher.match_mapping(n)]}
 
     @inline
@@ -146,8 +146,9 @@ class NamespacesRPC:
         return {}
 
     def rpc_methods(self) -> Mapping[str, Handler]:
-        return {f"namespaces.{name}": getattr(self, name)
-                for name in ("create", "get", "list", "update", "delete")}
+        return {"namespaces.create": self.create, "namespaces.get": self.get,
+                "namespaces.list": self.list_namespaces, "namespaces.update": self.update,
+                "namespaces.delete": self.delete}
 
 
 async def init_store(ic: InitContext) -> NamespaceStore:

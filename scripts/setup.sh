@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install what berth needs on a fresh Debian 12 machine (run as root), idempotently:
+# Debian packages, then berth itself (editable, with its test tools), then byte-compile the
+# sources so the CLI starts fast even where PYTHONDONTWRITEBYTECODE is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages berth's code and tests use.
+APT_PACKAGES=(iproute2 procps)
+
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
+"$PYTHON" -m compileall -q core plugins runtimes snapshotters client conformance >/dev/null
