@@ -2,15 +2,21 @@
 
 ::
 
-    berth [--address SOCK] [--namespace NS] [--timeout SECONDS] <command>
+    berth [--address SOCK] [--namespace NS] [--timeout SECONDS] [--lease ID] <command>
         version
         plugins ls [-d] [--format table|json] [FILTER...]
         namespaces ls [-q] [--format table|json] | create NAME [KEY=VALUE...] | rm NAME... |
                    label NAME [KEY=VALUE...]
+        content ls [-q] [--format table|json] [FILTER...] | info DIGEST | get DIGEST |
+                ingest [--expected-digest D] [--expected-size N] [--label K=V]... REF < FILE |
+                rm DIGEST... | label DIGEST [KEY=VALUE...] | active [-q] [--format table|json] [FILTER...]
+        leases ls [-q] [--format table|json] [FILTER...] |
+               create [--id ID] [--expires DURATION] [--label K=V]... [KEY=VALUE...] | rm [--sync] ID...
         events [--format json] [FILTER...]
 
-``BERTH_ADDRESS`` and ``BERTH_NAMESPACE`` set the defaults of ``--address`` and ``--namespace``.
-Errors are one line on stderr and exit status 1 (2 for a bad command line).
+``BERTH_ADDRESS`` and ``BERTH_NAMESPACE`` set the defaults of ``--address`` and ``--namespace``;
+``--lease`` makes content commands work under that lease. Errors are one line on stderr,
+``berth: <message> (<code>)``, and exit status 1 (2 for a bad command line).
 
 Start-up cost matters here: this module imports only argparse, the sync client and core's errors
 (JSON is imported when ``--format json`` asks for it).
@@ -19,6 +25,8 @@ Start-up cost matters here: this module imports only argparse, the sync client a
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +65,88 @@ def _parse_labels(items: Sequence[str]) -> dict[str, str]:
 
 def _format_labels(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
+
+
+_SIZE_UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
+
+
+def human_size(size: float) -> str:
+    """Decimal units with 4 significant digits, as ctr prints sizes (go-units ``HumanSize``)."""
+    unit = 0
+    while size >= 1000 and unit < len(_SIZE_UNITS) - 1:
+        size /= 1000
+        unit += 1
+    return f"{size:.4g}{_SIZE_UNITS[unit]}"
+
+
+def human_duration(seconds: float) -> str:
+    """How long ago, in ctr's words (go-units ``HumanDuration``): ``5 seconds``, ``About an hour``."""
+    if seconds < 1:
+        return "Less than a second"
+    if int(seconds) == 1:
+        return "1 second"
+    if seconds < 60:
+        return f"{int(seconds)} seconds"
+    minutes = int(seconds / 60)
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = int(seconds / 3600 + 0.5)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds / 3600) // 24 // 365} years"
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """A Go duration (``24h``, ``1h30m``, ``90s``, ``500ms``; ``0`` is zero) in seconds."""
+    if text == "0":
+        return 0.0
+    seconds, position = 0.0, 0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if not text or position != len(text):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 24h, 1h30m, 90s)")
+    return seconds
+
+
+def _local_time(timestamp: float) -> str:
+    """RFC 3339 in local time, as ctr prints creation times."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(timestamp))
+    return f"{stamp[:-2]}:{stamp[-2:]}"
+
+
+def _remove_each(names: Sequence[str], remove: Callable[[str], None]) -> None:
+    """Run ``remove`` on each name: print the ones removed, one error line for each failure, exit 1 if any."""
+    failed = False
+    for name in names:
+        try:
+            remove(name)
+            sys.stdout.write(name + "\n")
+        except BerthError as err:
+            sys.stderr.write(f"berth: {_describe(err)}\n")
+            failed = True
+    if failed:
+        raise SystemExit(1)
+
+
+def _describe(err: BerthError) -> str:
+    return f"{err} ({err.code})"
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -110,22 +200,96 @@ def cmd_namespaces_create(client: Client, args: argparse.Namespace) -> None:
 
 
 def cmd_namespaces_rm(client: Client, args: argparse.Namespace) -> None:
-    failed = None
-    for name in args.names:
-        try:
-            client.namespace_delete(name)
-            sys.stdout.write(name + "\n")
-        except BerthError as err:
-            sys.stderr.write(f"berth: {err}\n")
-            failed = err
-    if failed is not None:
-        raise SystemExit(1)
+    _remove_each(args.names, client.namespace_delete)
 
 
 def cmd_namespaces_label(client: Client, args: argparse.Namespace) -> None:
     labels = _parse_labels(args.labels)
     namespace = client.namespace_update(args.name, labels, [f"labels.{key}" for key in labels])
     sys.stdout.write(_format_labels(namespace["labels"]) + "\n")
+
+
+def cmd_content_ls(client: Client, args: argparse.Namespace) -> None:
+    infos = client.content_list(args.filters, lease=args.lease)
+    if args.quiet:
+        sys.stdout.writelines(info["digest"] + "\n" for info in infos)
+    elif args.format == "json":
+        _print_json(infos)
+    else:
+        now = time.time()
+        _print_table(["DIGEST", "SIZE", "AGE", "LABELS"],
+                     [[i["digest"], human_size(i["size"]), human_duration(now - i["created_at"]),
+                       _format_labels(i["labels"])] for i in infos])
+
+
+def cmd_content_info(client: Client, args: argparse.Namespace) -> None:
+    _print_json(client.content_info(args.digest, lease=args.lease))
+
+
+def cmd_content_get(client: Client, args: argparse.Namespace) -> None:
+    out = sys.stdout.buffer
+    for data in client.content_read(args.digest, lease=args.lease):
+        out.write(data)
+    out.flush()
+
+
+def cmd_content_ingest(client: Client, args: argparse.Namespace) -> None:
+    if sys.stdin.isatty():
+        raise InvalidArgument("content ingest reads the blob from stdin: redirect a file or a pipe to it")
+    result = client.content_ingest(args.ref, sys.stdin.buffer, expected=args.expected_digest,
+                                   total=args.expected_size, labels=_parse_labels(args.labels), lease=args.lease)
+    sys.stdout.write(result["digest"] + "\n")
+
+
+def cmd_content_rm(client: Client, args: argparse.Namespace) -> None:
+    _remove_each(args.digests, lambda digest: client.content_delete(digest, lease=args.lease))
+
+
+def cmd_content_label(client: Client, args: argparse.Namespace) -> None:
+    labels = _parse_labels(args.labels)
+    if not labels:  # no mask would replace every label: show them instead
+        info = client.content_info(args.digest, lease=args.lease)
+    else:
+        info = client.content_update(args.digest, {k: v for k, v in labels.items() if v},
+                                     [f"labels.{key}" for key in labels], lease=args.lease)
+    sys.stdout.write(_format_labels(info["labels"]) + "\n")
+
+
+def cmd_content_active(client: Client, args: argparse.Namespace) -> None:
+    statuses = client.content_statuses(args.filters, lease=args.lease)
+    if args.quiet:
+        sys.stdout.writelines(status["ref"] + "\n" for status in statuses)
+    elif args.format == "json":
+        _print_json(statuses)
+    else:
+        now = time.time()
+        _print_table(["REF", "SIZE/TOTAL", "STARTED", "UPDATED"],
+                     [[s["ref"], f"{human_size(s['offset'])}/{human_size(s['total']) if s['total'] else '-'}",
+                       human_duration(now - s["started_at"]) + " ago", human_duration(now - s["updated_at"]) + " ago"]
+                      for s in statuses])
+
+
+def cmd_leases_ls(client: Client, args: argparse.Namespace) -> None:
+    leases = client.lease_list(args.filters)
+    if args.quiet:
+        sys.stdout.writelines(lease["id"] + "\n" for lease in leases)
+    elif args.format == "json":
+        _print_json(leases)
+    else:
+        _print_table(["ID", "CREATED AT", "LABELS"],
+                     [[lease["id"], _local_time(lease["created_at"]), _format_labels(lease["labels"])]
+                      for lease in leases])
+
+
+def cmd_leases_create(client: Client, args: argparse.Namespace) -> None:
+    lease_id = args.id or f"{time.time_ns()}-{os.urandom(3).hex()}"  # as ctr's random lease ids
+    labels = _parse_labels([*args.labels, *args.label_args])
+    lease = client.lease_create(lease_id, labels, args.expires or None)
+    sys.stdout.write(lease["id"] + "\n")
+
+
+def cmd_leases_rm(client: Client, args: argparse.Namespace) -> None:
+    _remove_each(args.ids, lambda lease_id: client.lease_delete(lease_id, sync=args.sync))
 
 
 def cmd_events(client: Client, args: argparse.Namespace) -> None:
@@ -154,6 +318,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--namespace", "-n", default=default_namespace(),
                         help="namespace to work in (env BERTH_NAMESPACE; default %(default)s)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds each call may take")
+    parser.add_argument("--lease", default=None, metavar="ID",
+                        help="run content commands under this lease (what they create joins it)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(sub: Any, name: str, handler: Callable[[Client, argparse.Namespace], None], help_text: str,
@@ -186,6 +352,52 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("name")
     label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
 
+    content = commands.add_parser("content", help="manage content (blobs and ingests)")
+    content_sub = content.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c_ls = add(content_sub, "ls", cmd_content_ls, "list blobs", ["list"])
+    c_ls.add_argument("--quiet", "-q", action="store_true", help="print only the digests")
+    c_ls.add_argument("--format", choices=["table", "json"], default="table")
+    c_ls.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. labels.\"berth.io/gc.root\" or size>1000")
+    c_info = add(content_sub, "info", cmd_content_info, "print a blob's info as JSON")
+    c_info.add_argument("digest")
+    c_get = add(content_sub, "get", cmd_content_get, "write a blob to stdout")
+    c_get.add_argument("digest")
+    c_ingest = add(content_sub, "ingest", cmd_content_ingest,
+                   "write stdin as a blob under REF (resumes an interrupted ingest) and print its digest")
+    c_ingest.add_argument("--expected-digest", default="", metavar="DIGEST", help="verify the blob's digest")
+    c_ingest.add_argument("--expected-size", type=int, default=0, metavar="BYTES", help="verify the blob's size")
+    c_ingest.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE",
+                          help="label the blob (repeatable)")
+    c_ingest.add_argument("ref", metavar="REF", help="the ingest's name, e.g. the digest or a file name")
+    c_rm = add(content_sub, "rm", cmd_content_rm, "remove blobs (their bytes go at the next GC)",
+               ["remove", "delete", "del"])
+    c_rm.add_argument("digests", nargs="+", metavar="DIGEST")
+    c_label = add(content_sub, "label", cmd_content_label, "set labels (an empty VALUE removes the label)")
+    c_label.add_argument("digest")
+    c_label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+    c_active = add(content_sub, "active", cmd_content_active, "list ingests in progress", ["ingests"])
+    c_active.add_argument("--quiet", "-q", action="store_true", help="print only the refs")
+    c_active.add_argument("--format", choices=["table", "json"], default="table")
+    c_active.add_argument("filters", nargs="*", metavar="FILTER", help='e.g. ref~="^layer-"')
+
+    leases = commands.add_parser("leases", aliases=["lease"], help="manage leases")
+    leases_sub = leases.add_subparsers(dest="action", metavar="ACTION", required=True)
+    l_ls = add(leases_sub, "ls", cmd_leases_ls, "list leases", ["list"])
+    l_ls.add_argument("--quiet", "-q", action="store_true", help="print only the ids")
+    l_ls.add_argument("--format", choices=["table", "json"], default="table")
+    l_ls.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. id==build-1")
+    l_create = add(leases_sub, "create", cmd_leases_create, "create a lease and print its id")
+    l_create.add_argument("--id", default="", help="the lease id (default: a random one)")
+    l_create.add_argument("--expires", "-x", type=parse_duration, default=24 * 3600.0, metavar="DURATION",
+                          help="expire after this long, e.g. 24h, 30m, 90s; 0 never expires (default 24h)")
+    l_create.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE",
+                          help="label the lease (repeatable)")
+    l_create.add_argument("label_args", nargs="*", metavar="KEY=VALUE", help="more labels")
+    l_rm = add(leases_sub, "rm", cmd_leases_rm, "remove leases", ["remove", "delete", "del"])
+    l_rm.add_argument("--sync", action="store_true",
+                      help="collect garbage before returning (what only these leases held is gone)")
+    l_rm.add_argument("ids", nargs="+", metavar="ID")
+
     events = add(commands, "events", cmd_events, "print events as they happen", ["event"])
     events.add_argument("--format", choices=["text", "json"], default="text")
     events.add_argument("filters", nargs="*", metavar="FILTER", help='e.g. topic=="/namespaces/create"')
@@ -198,11 +410,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.handler(client, args)
     except BerthError as err:
-        sys.stderr.write(f"berth: {err}\n")
+        sys.stderr.write(f"berth: {_describe(err)}\n")
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader went away (`berth content get ... | head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the exit-time flush does not complain
         return 0
     finally:
         client.close()

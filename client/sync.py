@@ -10,22 +10,38 @@ errors and wire protocol, so a CLI call starts fast.
         for event in client.subscribe(['topic~="/namespaces/"']):
             print(event)
 
-One client holds one connection and runs one call at a time (it is not thread-safe; use one client
-per thread, or the trio client for concurrency). Errors from the daemon are raised as the matching
+One client holds one connection and is not thread-safe (use one client per thread, or the trio
+client for concurrency). Calls run one at a time, except that :meth:`Client.content_ingest` pipelines
+its writes on the connection. Errors from the daemon are raised as the matching
 :mod:`berth.core.errdefs` class; a daemon that cannot be reached raises
 :class:`~berth.core.errdefs.Unavailable` naming the socket.
+
+Content and lease methods take an optional ``lease=``: the call runs under that lease (it travels in
+the call's meta), so what it creates joins the lease. Without one, a committed blob that is neither
+labelled ``berth.io/gc.root`` nor referenced is removed at the next garbage collection.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
-from berth.core.errdefs import DeadlineExceeded, Unavailable, error_from_wire
+from berth.core.errdefs import (
+    AlreadyExists,
+    BerthError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    error_from_wire,
+)
 from berth.core.rpc.protocol import (
     CANCEL,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -76,6 +92,9 @@ class Client:
         self._sock: socket.socket | None = None
         self._unpacker = new_unpacker(max_message_size)
         self._ids = itertools.count(1)
+        #: Requests sent with :meth:`_send_request` whose response was not collected yet; the value is
+        #: the response (``[error, result]``) once it arrived while another call was being read.
+        self._pending: dict[int, list[Any] | None] = {}
 
     def __enter__(self) -> Client:
         return self
@@ -89,6 +108,7 @@ class Client:
             self._sock.close()
             self._sock = None
             self._unpacker = new_unpacker(self._max_message_size)
+        self._pending.clear()
 
     def _connect(self) -> socket.socket:
         if self._sock is None:
@@ -149,10 +169,14 @@ class Client:
             if not isinstance(message, list) or not message:
                 continue
             if message[0] == RESPONSE and len(message) == 4 and message[1] == msgid:
+                self._pending.pop(msgid, None)
                 if message[2] is not None:
                     raise error_from_wire(message[2])
                 yield True, message[3]
                 return
+            if message[0] == RESPONSE and len(message) == 4 and message[1] in self._pending:
+                self._pending[message[1]] = [message[2], message[3]]  # a pipelined request's answer
+                continue
             if message[0] == NOTIFICATION and len(message) == 3:
                 _, method, params = message
                 if method == STREAM and isinstance(params, list) and len(params) == 2 and params[0] == msgid:
@@ -188,15 +212,63 @@ class Client:
                     finished = True
                     return
                 yield value
+        except BerthError:
+            finished = True  # the daemon ended the call with an error (or the connection is gone)
+            raise
         finally:
             if not finished and self._sock is not None:
                 self._cancel(msgid)
+
+    def _send_request(self, method: str, args: dict[str, Any] | None = None, *, namespace: str | None = None,
+                      lease: str | None = None, timeout: float | None = None) -> int:
+        """Send a unary request without waiting for it; return its msgid for :meth:`_collect`.
+
+        Several requests may be in flight on the connection at once (pipelining); their responses are
+        kept as they arrive until collected. Not for streaming methods (their items would be dropped).
+        """
+        msgid = self._start(method, args, namespace, lease, timeout)
+        self._pending[msgid] = None
+        return msgid
+
+    def _collect(self, msgid: int) -> Any:
+        """Wait for the response to a request sent with :meth:`_send_request`; return its result.
+
+        Raises:
+            BerthError: the request's error, as its class.
+        """
+        if msgid not in self._pending:
+            raise KeyError(f"no request {msgid} in flight")
+        answer = self._pending[msgid]
+        if answer is None:
+            for final, value in self._messages(msgid):
+                if final:
+                    return value
+            raise AssertionError("unreachable")  # pragma: no cover
+        del self._pending[msgid]
+        if answer[0] is not None:
+            raise error_from_wire(answer[0])
+        return answer[1]
+
+    def _cancel_pending(self, msgids: list[int]) -> None:
+        """Cancel requests sent with :meth:`_send_request` and drain their responses."""
+        try:
+            for msgid in msgids:
+                if msgid in self._pending and self._pending[msgid] is None:  # not answered yet
+                    self._send([NOTIFICATION, CANCEL, [msgid]])
+            for msgid in msgids:
+                if msgid in self._pending:
+                    with contextlib.suppress(BerthError):  # cancelled, or failed: either way it is over
+                        self._collect(msgid)
+        except Exception:  # a broken connection is closed; the daemon keeps the ingest's progress
+            self.close()
 
     def _cancel(self, msgid: int) -> None:
         try:
             self._send([NOTIFICATION, CANCEL, [msgid]])
             for _ in self._messages(msgid):
                 pass
+        except BerthError:
+            pass  # the call's end, normally `canceled` (a lost connection has been closed already)
         except Exception:  # the call ends one way or another; a broken connection is closed
             self.close()
 
@@ -237,3 +309,182 @@ class Client:
 
     def namespace_delete(self, name: str) -> None:
         self.call("namespaces.delete", {"name": name})
+
+    # ------------------------------------------------------------------ content
+
+    def content_info(self, digest: str, *, lease: str | None = None) -> dict[str, Any]:
+        """``{digest, size, created_at, updated_at, labels}`` of a committed blob. Raises: NotFound."""
+        return self.call("content.info", {"digest": digest}, lease=lease)["info"]  # type: ignore[no-any-return]
+
+    def content_list(self, filters: list[str] | None = None, *, lease: str | None = None) -> list[dict[str, Any]]:
+        """Infos of every blob of the namespace matching any filter (``digest``, ``size``, ``labels.<key>``)."""
+        return self.call("content.list", {"filters": filters or []}, lease=lease)["infos"]  # type: ignore[no-any-return]
+
+    def content_delete(self, digest: str, *, lease: str | None = None) -> None:
+        """Delete the blob's record (its bytes go at the next garbage collection). Raises: NotFound."""
+        self.call("content.delete", {"digest": digest}, lease=lease)
+
+    def content_update(self, digest: str, labels: dict[str, str], update_mask: list[str] | None = None, *,
+                       lease: str | None = None) -> dict[str, Any]:
+        """Change labels: no mask (or ``labels``) replaces them all; ``labels.<key>`` sets (or, when absent
+        from ``labels``, removes) one key. Returns the new info."""
+        args = {"digest": digest, "labels": labels, "update_mask": update_mask or []}
+        return self.call("content.update", args, lease=lease)["info"]  # type: ignore[no-any-return]
+
+    def content_read(self, digest: str, offset: int = 0, size: int = 0, *,
+                     lease: str | None = None) -> Iterator[bytes]:
+        """Yield the blob's bytes from ``offset`` (``size`` bytes; 0: to the end) in chunks of up to 1 MiB.
+
+        Closing the iterator early cancels the read. Raises: NotFound, OutOfRange.
+        """
+        for item in self.stream("content.read", {"digest": digest, "offset": offset, "size": size}, lease=lease):
+            yield item["data"]
+
+    def content_status(self, ref: str, *, lease: str | None = None) -> dict[str, Any]:
+        """``{ref, offset, total, expected, started_at, updated_at}`` of an ingest. Raises: NotFound."""
+        return self.call("content.status", {"ref": ref}, lease=lease)["status"]  # type: ignore[no-any-return]
+
+    def content_statuses(self, filters: list[str] | None = None, *,
+                         lease: str | None = None) -> list[dict[str, Any]]:
+        """Statuses of the namespace's ingests matching any filter (field ``ref``)."""
+        result = self.call("content.list_statuses", {"filters": filters or []}, lease=lease)
+        return result["statuses"]  # type: ignore[no-any-return]
+
+    def content_abort(self, ref: str, *, lease: str | None = None) -> None:
+        """Remove the ingest ``ref`` and what it holds. Raises: NotFound."""
+        self.call("content.abort", {"ref": ref}, lease=lease)
+
+    def content_ingest(self, ref: str, source: BinaryIO, *, expected: str = "", total: int = 0,
+                       labels: dict[str, str] | None = None, chunk_size: int = 1 << 20, window: int = 4,
+                       lease: str | None = None) -> dict[str, Any]:
+        """Write ``source`` (read from its current position to EOF) as blob ``ref`` and commit it.
+
+        Resumes: when the ingest ``ref`` already holds ``offset`` bytes, that many bytes of ``source``
+        are skipped (seeked past when it is seekable, else read and dropped) and only the rest is sent.
+        Up to ``window`` writes of ``chunk_size`` bytes are in flight at once; the client holds at most
+        one chunk at a time, so memory stays bounded whatever the blob's size. ``expected`` and ``total``
+        (when set) are verified at commit. A blob that exists already counts as written (as containerd's
+        ``WriteBlob`` does; its labels are left alone).
+
+        Returns:
+            ``{ref, digest, offset, total, started_at, updated_at, exists}``: ``offset`` is the blob's
+            size, ``exists`` tells whether it was there before.
+
+        Raises:
+            FailedPrecondition: the size or digest does not match (the ingest stays, resumable);
+            Unavailable: another writer holds ``ref``; InvalidArgument, NotFound (no such lease).
+        """
+        if chunk_size < 1 or window < 1:
+            raise InvalidArgument("chunk_size and window must be at least 1")
+        call: dict[str, Any] = {"ref": ref}
+        try:
+            reply = self.call("content.write", {**call, "action": "stat", "total": total, "expected": expected},
+                              lease=lease)
+        except AlreadyExists:
+            return self._existing(ref, expected, total, lease)
+        try:
+            offset = reply["offset"]
+            if offset and not (reply["total"] and offset >= reply["total"]):
+                _skip(source, offset, chunk_size)
+            if not (reply["total"] and offset >= reply["total"]):
+                reply = self._pipeline_writes(ref, source, offset, chunk_size, window, lease) or reply
+            args = {**call, "action": "commit", "total": total, "expected": expected, "labels": labels or {}}
+            try:
+                committed = self.call("content.write", args, lease=lease)
+            except AlreadyExists:  # verified, and the namespace has it already
+                return self._existing(ref, expected or reply["digest"], total, lease)
+        except BaseException:
+            self._release(ref, lease)
+            raise
+        return {**committed, "exists": False}
+
+    def _pipeline_writes(self, ref: str, source: BinaryIO, offset: int, chunk_size: int, window: int,
+                         lease: str | None) -> dict[str, Any] | None:
+        """Send ``source`` from ``offset`` with up to ``window`` writes in flight; the last reply."""
+        in_flight: deque[int] = deque()
+        reply = None
+        try:
+            eof = False
+            while True:
+                while not eof and len(in_flight) < window:
+                    data = source.read(chunk_size)
+                    if not data:
+                        eof = True
+                        break
+                    args = {"action": "write", "ref": ref, "offset": offset, "data": data}
+                    in_flight.append(self._send_request("content.write", args, lease=lease))
+                    offset += len(data)
+                    del data, args
+                if not in_flight:
+                    return reply
+                reply = self._collect(in_flight.popleft())
+        except BaseException:
+            if in_flight and self._sock is not None:
+                self._cancel_pending(list(in_flight))
+            raise
+
+    def _existing(self, ref: str, digest: str, total: int, lease: str | None) -> dict[str, Any]:
+        info = self.content_info(digest, lease=lease)
+        if total and info["size"] != total:
+            raise FailedPrecondition(f"{ref!r} failed size validation: {info['size']} != {total}")
+        return {"ref": ref, "digest": digest, "offset": info["size"], "total": info["size"],
+                "started_at": info["created_at"], "updated_at": info["updated_at"], "exists": True}
+
+    def _release(self, ref: str, lease: str | None) -> None:
+        """Let the ingest ``ref`` go (keeping its progress) after a failure; best effort."""
+        if self._sock is None:
+            return  # the daemon released it when the connection ended
+        try:
+            self.call("content.write", {"ref": ref, "action": "close"}, lease=lease)
+        except Exception:
+            self.close()
+
+    # ------------------------------------------------------------------ leases
+
+    def lease_create(self, lease_id: str, labels: dict[str, str] | None = None,
+                     expires_in: float | None = None) -> dict[str, Any]:
+        """Create a lease (``expires_in`` seconds sets ``berth.io/gc.expire``) -> ``{id, labels, created_at}``."""
+        args: dict[str, Any] = {"id": lease_id, "labels": labels or {}}
+        if expires_in is not None:
+            args["expires_in"] = expires_in
+        return self.call("leases.create", args)["lease"]  # type: ignore[no-any-return]
+
+    def lease_delete(self, lease_id: str, sync: bool = False) -> None:
+        """Delete a lease; with ``sync``, garbage is collected before this returns. Raises: NotFound."""
+        self.call("leases.delete", {"id": lease_id, "sync": sync})
+
+    def lease_list(self, filters: list[str] | None = None) -> list[dict[str, Any]]:
+        """Leases of the namespace matching any filter (``id``, ``labels.<key>``)."""
+        return self.call("leases.list", {"filters": filters or []})["leases"]  # type: ignore[no-any-return]
+
+    def lease_add_resource(self, lease_id: str, type: str, resource: str) -> None:  # noqa: A002
+        """Make the lease hold a resource: ``type`` is content, ingests, images or snapshots/<snapshotter>."""
+        self.call("leases.add_resource", {"id": lease_id, "type": type, "resource": resource})
+
+    def lease_delete_resource(self, lease_id: str, type: str, resource: str) -> None:  # noqa: A002
+        self.call("leases.delete_resource", {"id": lease_id, "type": type, "resource": resource})
+
+    def lease_resources(self, lease_id: str) -> list[dict[str, Any]]:
+        """``[{type, id}]`` the lease holds. Raises: NotFound."""
+        return self.call("leases.list_resources", {"id": lease_id})["resources"]  # type: ignore[no-any-return]
+
+
+def _skip(source: BinaryIO, count: int, chunk_size: int) -> None:
+    """Move ``source`` ``count`` bytes on: seek when it can, else read and drop.
+
+    Raises:
+        InvalidArgument: an unseekable source ends before that.
+    """
+    try:
+        seekable = source.seekable()
+    except (AttributeError, OSError, ValueError):
+        seekable = False
+    if seekable:
+        source.seek(count, io.SEEK_CUR)
+        return
+    left = count
+    while left:
+        data = source.read(min(chunk_size, left))
+        if not data:
+            raise InvalidArgument(f"the source ended {left} bytes before the ingest's offset {count}")
+        left -= len(data)

@@ -128,7 +128,7 @@ def _where(path: Sequence[str]) -> str:
         return ""
     if path[0] == "plugins" and len(path) >= 2:
         table, rest = f'[plugins."{path[1]}"]', path[2:]
-    elif len(path) >= 2 and path[0] in ("rpc", "log", "timeouts"):
+    elif path[0] in ("rpc", "log", "timeouts"):
         table, rest = f"[{path[0]}]", path[1:]
     else:
         table, rest = "", path

@@ -8,6 +8,7 @@ requests in flight finish for ``timeouts.shutdown_grace``, close plugins newest 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ import trio
 
 from berth.core import __version__
 from berth.core.config import LoadedConfig
-from berth.core.errdefs import FailedPrecondition
+from berth.core.errdefs import BerthError, FailedPrecondition, Unavailable
 from berth.core.plugin.graph import plugin_graph
 from berth.core.plugin.manager import LoadError
 from berth.core.plugin.registration import (
@@ -38,7 +39,7 @@ from berth.core.plugin.registration import (
     describe_error,
 )
 from berth.core.plugin.types import PluginType
-from berth.core.rpc.server import RPCServer, RPCService, serve_unix, socket_authorizer
+from berth.core.rpc.server import RPCServer, RPCService, check_socket_free, serve_unix, socket_authorizer
 
 __all__ = ["Daemon", "StartupError", "run_daemon"]
 
@@ -94,7 +95,8 @@ class Daemon:
             StartupError: a required plugin failed or is missing, ``strict_plugins`` is set and a
                 plugin failed, or a config key names a plugin that did not load.
         """
-        async with AsyncExitStack() as stack:
+        async with _lone_berth_error(), AsyncExitStack() as stack:
+            stack.callback(os.close, await trio.to_thread.run_sync(self._claim_root))
             await self._init_plugins(stack)
             self._check_required()
             self._log_summary()
@@ -115,6 +117,30 @@ class Daemon:
             log.info("daemon_stopping")
             _sd_notify("STOPPING=1")
         log.info("daemon_stopped")
+
+    def _claim_root(self) -> int:
+        """Lock ``<root>/berthd.lock`` and check the socket, before any plugin touches the root.
+
+        Returns the lock's file descriptor (closing it releases the lock).
+
+        Raises:
+            Unavailable: another berthd holds the root, or serves on the socket.
+        """
+        root = Path(self.config.root)
+        root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        fd = os.open(root / "berthd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Unavailable(f"another berthd is using root {root}") from None
+            check_socket_free(self.address)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
 
     async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         assert self.rpc_server is not None
@@ -222,11 +248,38 @@ class Daemon:
 
 @asynccontextmanager
 async def _plugin_nursery() -> AsyncIterator[trio.Nursery]:
-    async with trio.open_nursery() as nursery:
+    # The plugin's nursery belongs to a task of its own: the daemon's task runs on inside this
+    # context, so cancelling the plugin's tasks (it failed, or shutdown) must not cancel the daemon.
+    async with trio.open_nursery() as outer:
+        nursery: trio.Nursery = await outer.start(_hold_nursery)
         try:
             yield nursery
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def _hold_nursery(*, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
+
+
+@asynccontextmanager
+async def _lone_berth_error() -> AsyncIterator[None]:
+    """Re-raise a :class:`BerthError` that nurseries wrapped in exception groups as itself.
+
+    Each plugin nursery wraps what passes through it; callers (and berthd's "cannot start") catch
+    :class:`StartupError` and other berth errors by class.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if not isinstance(error, BerthError):
+            raise
+        raise error from error.__cause__
 
 
 def _make_dirs(*paths: Path) -> None:
@@ -261,7 +314,8 @@ async def run_daemon(daemon: Daemon) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             run_scope = trio.CancelScope()
 
-            async def watch_signals() -> None:
+            async def watch_signals(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status.started()
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if daemon.stopping.is_set():
@@ -272,7 +326,9 @@ async def run_daemon(daemon: Daemon) -> None:
                     if not daemon.ready.is_set():
                         run_scope.cancel()
 
-            nursery.start_soon(watch_signals)
+            # started before run(): a run() that fails before its first checkpoint must not leave
+            # watch_signals to first iterate a receiver that is already closed (a RuntimeError).
+            await nursery.start(watch_signals)
             try:
                 with run_scope:
                     await daemon.run()

@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import functools
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -74,7 +75,7 @@ def format_duration(seconds: float) -> str:
         return "0s"
     if seconds < 1:
         millis = seconds * 1000
-        return f"{millis:g}ms" if millis >= 1 else f"{seconds * 1e6:g}us"
+        return f"{_fixed(millis, 6)}ms" if millis >= 1 else f"{_fixed(seconds * 1e6, 3)}us"
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     out = ""
@@ -82,13 +83,19 @@ def format_duration(seconds: float) -> str:
         out += f"{int(hours)}h"
     if minutes:
         out += f"{int(minutes)}m"
-    if secs or not out:
-        out += f"{secs:g}s"
+    secs_text = _fixed(secs, 9)
+    if secs_text != "0" or not out:
+        out += f"{secs_text}s"
     return out
 
 
+def _fixed(value: float, decimals: int) -> str:
+    """``value`` to ``decimals`` places (nanoseconds), never in exponent form, trailing zeros dropped."""
+    return f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    text = reprlib.repr(value)  # bounded: an RPC argument may nest 1000 deep or be megabytes long
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{_type_name(type(value))} {text}"

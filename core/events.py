@@ -23,6 +23,8 @@ from berth.core.identifiers import validate_identifier
 __all__ = ["DEFAULT_SUBSCRIBER_BUFFER", "Envelope", "Exchange", "Subscription", "validate_topic"]
 
 DEFAULT_SUBSCRIBER_BUFFER = 1024
+#: Forwarded timestamps must be before the year 9999 (and finite).
+_LATEST_TIMESTAMP = 253402300800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +119,12 @@ class Exchange:
         """Broadcast an envelope stamped elsewhere (a shim, a proxy), keeping its timestamp.
 
         Raises:
-            InvalidArgument: the namespace or topic is invalid, or the timestamp is not positive.
+            InvalidArgument: the namespace or topic is invalid, or the timestamp is not a plausible time.
         """
         validate_identifier(envelope.namespace, "namespace")
         validate_topic(envelope.topic)
-        if not envelope.timestamp > 0:
-            raise InvalidArgument("a forwarded event needs a timestamp")
+        if not 0 < envelope.timestamp < _LATEST_TIMESTAMP:
+            raise InvalidArgument(f"a forwarded event needs a UNIX timestamp, got {envelope.timestamp!r}")
         self._broadcast(envelope)
 
     def _broadcast(self, envelope: Envelope) -> None:

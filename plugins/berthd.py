@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     config = sub.add_parser("config", help="print the default or the effective config")
     config.add_argument("action", choices=["default", "dump"])
+    config.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS, help="config file to dump")
     return parser
 
 
@@ -74,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(loaded, registrations, modules.errors)
     try:
         trio.run(run_daemon, daemon)
-    except BerthError as err:
-        print(f"berthd: cannot start: {err}", file=sys.stderr)
+    except (BerthError, BaseExceptionGroup) as caught:
+        # trio's nurseries wrap the StartupError in exception groups: unwrap a lone BerthError.
+        cause: BaseException = caught
+        while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+            cause = cause.exceptions[0]
+        if not isinstance(cause, BerthError):
+            raise
+        print(f"berthd: cannot start: {cause}", file=sys.stderr)
         return 1
     return 0
 

@@ -2,7 +2,13 @@
 
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "berth.plugins.events",
+    "berth.plugins.content.local.plugin",
+    "berth.plugins.metadata.plugin",
+    "berth.plugins.gc.scheduler",
+    "berth.plugins.leases",
     "berth.plugins.services.namespaces",
+    "berth.plugins.services.content",
+    "berth.plugins.services.leases",
     "berth.plugins.services.version",
     "berth.plugins.services.introspection",
     "berth.plugins.services.events",

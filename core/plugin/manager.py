@@ -85,6 +85,9 @@ def load_plugins(
         try:
             impl.function(registry=registry)
         except Exception as exc:
+            for dropped in registry._registrations[before:]:  # forget them wholly: another module may reuse the URI
+                registry._uris.discard(dropped.uri)
+                registry.source.pop(dropped.uri, None)
             del registry._registrations[before:]
             errors.append(LoadError(impl.plugin_name, f"berth_register failed: {describe_error(exc)}"))
     return LoadedModules(manager, registry, errors)

@@ -114,8 +114,8 @@ class Registry:
             raise InvalidArgument(f"plugin {reg.uri}: \"*\" must be its only requirement")
         if reg.type in reg.requires:
             raise InvalidArgument(f"plugin {reg.uri} requires its own type")
-        if reg.config is not None and not dataclasses.is_dataclass(reg.config):
-            raise InvalidArgument(f"plugin {reg.uri}: config must be a dataclass")
+        if reg.config is not None and not (isinstance(reg.config, type) and dataclasses.is_dataclass(reg.config)):
+            raise InvalidArgument(f"plugin {reg.uri}: config must be a dataclass (the class, not an instance)")
         for name, ref_type in reg.plugin_refs():
             if ref_type not in reg.requires and "*" not in reg.requires:
                 raise InvalidArgument(f"plugin {reg.uri}: config key {name} names a {ref_type} plugin "

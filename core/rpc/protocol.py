@@ -15,6 +15,7 @@ This module imports only msgpack and the standard library (the CLI loads it on i
 
 from __future__ import annotations
 
+import reprlib  # a client's value may nest 1000 deep: plain repr() would overflow the stack
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -155,14 +156,15 @@ def parse_client_frame(frame: Any) -> RequestFrame | CancelFrame:
             notification; ``msgid`` is set on the error when the frame had a usable one.
     """
     if not isinstance(frame, list) or not frame:
-        raise FrameError(f"a frame must be a msgpack array, got {type(frame).__name__}")
+        what = "an empty array" if isinstance(frame, list) else type(frame).__name__
+        raise FrameError(f"a frame must be a non-empty msgpack array, got {what}")
     kind = frame[0]
     if kind == REQUEST and type(kind) is int:
         if len(frame) != 4:
             raise FrameError(f"a request has 4 elements, got {len(frame)}")
         _, msgid, method, params = frame
         if not _valid_msgid(msgid):
-            raise FrameError(f"msgid must be an integer in [0, 2^32), got {msgid!r:.40}")
+            raise FrameError(f"msgid must be an integer in [0, 2^32), got {reprlib.repr(msgid):.40}")
         if not isinstance(method, str) or not method:
             raise FrameError("method must be a non-empty string", msgid)
         if not isinstance(params, list) or len(params) != 2:
@@ -182,6 +184,6 @@ def parse_client_frame(frame: Any) -> RequestFrame | CancelFrame:
             if not isinstance(params, list) or len(params) != 1 or not _valid_msgid(params[0]):
                 raise FrameError("$cancel takes [msgid]")
             return CancelFrame(params[0])
-        raise FrameError(f"unknown notification {method!r:.60}")
-    raise FrameError(f"a frame must start with 0 (request) or 2 (notification), got {kind!r:.40}")
+        raise FrameError(f"unknown notification {reprlib.repr(method):.60}")
+    raise FrameError(f"a frame must start with 0 (request) or 2 (notification), got {reprlib.repr(kind):.40}")
 

@@ -44,6 +44,7 @@ from berth.core.errdefs import (
     Unimplemented,
     error_to_wire,
 )
+from berth.core.namespaces import with_lease, with_namespace
 from berth.core.rpc.protocol import (
     ERROR,
     NOTIFICATION,
@@ -63,6 +64,7 @@ __all__ = [
     "PeerCredentials",
     "RPCServer",
     "RPCService",
+    "check_socket_free",
     "current_call",
     "inline",
     "serve_unix",
@@ -152,6 +154,15 @@ class Call:
         """
         await self._connection.send([NOTIFICATION, STREAM, [self.msgid, item]])
 
+    @property
+    def session(self) -> dict[str, Any]:
+        """State that lives as long as the caller's connection (shared by all its calls)."""
+        return self._connection.session
+
+    def on_disconnect(self, cleanup: Callable[[], Awaitable[None]]) -> None:
+        """Run ``cleanup`` when the caller's connection ends (shielded, at most 10 s each)."""
+        self._connection.cleanups.append(cleanup)
+
 
 @dataclass(eq=False)
 class _Connection:
@@ -168,6 +179,8 @@ class _Connection:
     in_flight: dict[int, trio.CancelScope] = field(default_factory=dict)
     cancelled: set[int] = field(default_factory=set)
     raw: socket.socket | None = None
+    session: dict[str, Any] = field(default_factory=dict)
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stream, trio.SocketStream):
@@ -196,13 +209,21 @@ class _Connection:
 
     async def receive(self) -> bytes | bytearray:
         if self.raw is not None:
+            waited = False
             while True:
                 try:
-                    return self.raw.recv(_RECEIVE_SIZE)
+                    data = self.raw.recv(_RECEIVE_SIZE)
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(self.raw)
+                    waited = True
+                    continue
                 except OSError as err:
                     raise trio.BrokenResourceError(str(err)) from err
+                if not waited:
+                    # Data was already there: yield once so one busy connection cannot starve the
+                    # others (inline calls never reach a checkpoint of their own).
+                    await trio.lowlevel.checkpoint()
+                return data
         return await self.stream.receive_some(_RECEIVE_SIZE)
 
 
@@ -269,25 +290,41 @@ class RPCServer:
                         f"uid {connection.peer.uid} may not use this socket"))]])
                     log.warning("rpc_peer_refused", pid=connection.peer.pid, uid=connection.peer.uid)
                     return
-                async with trio.open_nursery() as nursery:
-                    await self._read_loop(connection, nursery)
-                    nursery.cancel_scope.cancel()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await self._read_loop(connection, nursery)
+                        nursery.cancel_scope.cancel()
+                except Exception:  # a bug must cost this connection, not the daemon and every other client
+                    log.exception("rpc_connection_failed", pid=connection.peer.pid)
         finally:
             connection.detach()
             self.connections -= 1
+            await _run_cleanups(connection)
 
     async def _read_loop(self, connection: _Connection, nursery: trio.Nursery) -> None:
         unpacker = new_unpacker(self.max_message_size)
         slots = trio.Semaphore(self.max_concurrent_requests)
+        fed = 0  # bytes fed to the unpacker
+        boundary = 0  # where the message being decoded starts: it has fed - boundary bytes so far
+        pending: bytes | bytearray = b""
         while True:
+            if not pending:
+                try:
+                    pending = await connection.receive()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not pending:
+                    return
+            # Feed only what the message being decoded may still take: the limit holds for the whole
+            # message (not only its undecoded rest), and a message up to the limit passes even when
+            # the start of the next one came in the same read.
+            room = self.max_message_size - (fed - boundary)
+            data, pending = pending[:room], pending[room:]
             try:
-                data = await connection.receive()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            try:
+                if not data:
+                    raise msgpack.BufferFull
                 unpacker.feed(data)
+                fed += len(data)
             except msgpack.BufferFull:
                 await self._fatal(connection, ResourceExhausted(
                     f"message larger than max_message_size ({self.max_message_size} bytes)"))
@@ -298,8 +335,10 @@ class RPCServer:
                 except msgpack.OutOfData:
                     break
                 except Exception as err:  # msgpack raises several unrelated types on bad bytes
-                    await self._fatal(connection, InvalidArgument(f"malformed msgpack: {err}"))
+                    reason = str(err) or type(err).__name__
+                    await self._fatal(connection, InvalidArgument(f"malformed msgpack: {reason}"))
                     return
+                boundary = unpacker.tell()
                 try:
                     parsed = parse_client_frame(frame)
                 except FrameError as err:
@@ -343,9 +382,12 @@ class RPCServer:
             with scope:
                 if handler is None:
                     raise Unimplemented(f"unknown method {call.method!r}")
+                if scope.deadline <= trio.current_time():
+                    raise DeadlineExceeded(f"{call.method}: the deadline passed before the call started")
                 token = current_call.set(call)
                 try:
-                    result = await handler(call, args)
+                    with with_namespace(call.meta.namespace), with_lease(call.meta.lease):
+                        result = await handler(call, args)
                 finally:
                     current_call.reset(token)
             if scope.cancelled_caught:
@@ -393,6 +435,16 @@ class RPCServer:
             await _send_quietly(connection, [NOTIFICATION, ERROR, [error_to_wire(error)]])
 
 
+async def _run_cleanups(connection: _Connection) -> None:
+    with trio.CancelScope(shield=True):
+        for cleanup in reversed(connection.cleanups):
+            with trio.move_on_after(10):
+                try:
+                    await cleanup()
+                except Exception:
+                    log.exception("rpc_disconnect_cleanup_failed")
+
+
 async def _send_quietly(connection: _Connection, message: Any) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await connection.send(message)
@@ -436,6 +488,20 @@ def _probe_live(path: Path) -> bool:
         probe.close()
 
 
+def check_socket_free(path: Path) -> None:
+    """Check that ``path`` is free for a new socket (absent, or a stale socket nobody listens on).
+
+    Raises:
+        Unavailable: another process is serving on ``path``.
+        InvalidArgument: ``path`` exists and is not a socket.
+    """
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise InvalidArgument(f"{path} exists and is not a socket")
+        if _probe_live(path):
+            raise Unavailable(f"another daemon is serving on {path}")
+
+
 def bind_unix_socket(path: Path, *, gid: int) -> socket.socket:
     """Bind and listen on ``path`` with mode 0660 and group ``gid``, replacing a stale socket.
 
@@ -447,11 +513,7 @@ def bind_unix_socket(path: Path, *, gid: int) -> socket.socket:
         InvalidArgument: ``path`` exists and is not a socket.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-    if path.exists() or path.is_symlink():
-        if not path.is_socket():
-            raise InvalidArgument(f"{path} exists and is not a socket")
-        if _probe_live(path):
-            raise Unavailable(f"another daemon is serving on {path}")
+    check_socket_free(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     temporary.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

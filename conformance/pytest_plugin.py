@@ -1,0 +1,69 @@
+"""pytest glue for the conformance suites: one test per case, parametrized by the case's name.
+
+A content plugin's test module needs one line::
+
+    from berth.conformance.pytest_plugin import content_store_tests
+
+    test_my_store = content_store_tests(open_my_store)          # a factory, see berth.conformance.content
+
+which collects ``test_my_store[Writer]`` ... ``test_my_store[SharedNamespaceIsolate]``. The
+cross-namespace cases are skipped, with containerd's reason, unless ``open_namespaced_store`` is
+given. A factory that needs fixtures (a daemon, say) can be named instead: pass the name of a
+fixture whose value is the factory, e.g. ``content_store_tests("remote_open_store")``.
+
+Each test runs its case in a fresh ``trio.run`` under its own ``tmp_path``, so it works with or
+without pytest-trio; the factories must open everything they need inside their context manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from berth.conformance.content import (
+    CONTENT_CASES,
+    TIME_SLACK,
+    CaseNotApplicable,
+    OpenNamespacedStore,
+    OpenStore,
+    run_content_case,
+)
+
+__all__ = ["content_store_tests"]
+
+
+def content_store_tests(open_store: OpenStore | str, *, open_namespaced_store: OpenNamespacedStore | str | None = None,
+                        cases: Iterable[str] | None = None, time_slack: float = TIME_SLACK) -> Callable[..., None]:
+    """A pytest test function parametrized over ``cases`` (default: all 16, in containerd's order).
+
+    ``open_store`` and ``open_namespaced_store`` are factories, or names of fixtures that return them.
+
+    Raises:
+        KeyError: an unknown case name.
+    """
+    names = list(cases) if cases is not None else list(CONTENT_CASES)
+    for name in names:
+        if name not in CONTENT_CASES:
+            raise KeyError(f"no content case {name!r}; the cases are {', '.join(CONTENT_CASES)}")
+
+    def resolve(factory: Any, request: pytest.FixtureRequest) -> Any:
+        return request.getfixturevalue(factory) if isinstance(factory, str) else factory
+
+    @pytest.mark.parametrize("case", names)
+    def test_content_store(case: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        plain = CONTENT_CASES[case].policy is None  # resolve only the fixture the case uses
+        run = partial(run_content_case, case, resolve(open_store, request) if plain else None, tmp_path,
+                      open_namespaced_store=None if plain else resolve(open_namespaced_store, request),
+                      time_slack=time_slack)
+        try:
+            trio.run(run)
+        except CaseNotApplicable as reason:
+            pytest.skip(str(reason))
+
+    test_content_store.__doc__ = "containerd's content testsuite case ``case`` (berth.conformance.content)."
+    return test_content_store

@@ -1,0 +1,1 @@
+"""The local (filesystem) content store, as containerd's ``plugins/content/local``."""
