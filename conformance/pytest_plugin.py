@@ -17,6 +17,7 @@ without pytest-trio; the factories must open everything they need inside their c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -33,8 +34,9 @@ from berth.conformance.content import (
     OpenStore,
     run_content_case,
 )
+from berth.conformance.snapshotter import SNAPSHOTTER_CASES, OpenSnapshotter, run_snapshotter_case
 
-__all__ = ["content_store_tests"]
+__all__ = ["content_store_tests", "snapshotter_tests"]
 
 
 def content_store_tests(open_store: OpenStore | str, *, open_namespaced_store: OpenNamespacedStore | str | None = None,
@@ -67,3 +69,29 @@ def content_store_tests(open_store: OpenStore | str, *, open_namespaced_store: O
 
     test_content_store.__doc__ = "containerd's content testsuite case ``case`` (berth.conformance.content)."
     return test_content_store
+
+
+def snapshotter_tests(open_snapshotter: OpenSnapshotter | str, *, cases: Iterable[str] | None = None,
+                      can_rename_lower_dirs: bool = True) -> Callable[..., None]:
+    """A pytest test function parametrized over the snapshotter ``cases`` (default: all 21).
+
+    ``open_snapshotter`` is a factory (see :mod:`berth.conformance.snapshotter`) or the name of a
+    fixture returning one. The cases mount for real: they are skipped unless the tests run as root.
+
+    Raises:
+        KeyError: an unknown case name.
+    """
+    names = list(cases) if cases is not None else list(SNAPSHOTTER_CASES)
+    for name in names:
+        if name not in SNAPSHOTTER_CASES:
+            raise KeyError(f"no snapshotter case {name!r}; the cases are {', '.join(SNAPSHOTTER_CASES)}")
+
+    @pytest.mark.parametrize("case", names)
+    def test_snapshotter(case: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("the snapshotter cases mount filesystems: run as root")
+        factory = request.getfixturevalue(open_snapshotter) if isinstance(open_snapshotter, str) else open_snapshotter
+        trio.run(partial(run_snapshotter_case, case, factory, tmp_path, can_rename_lower_dirs=can_rename_lower_dirs))
+
+    test_snapshotter.__doc__ = "containerd's snapshotter testsuite case ``case`` (berth.conformance.snapshotter)."
+    return test_snapshotter
