@@ -22,7 +22,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from berth.core.errdefs import BerthError
 from berth.core.metadata.content import NamespacedContentStore
 from berth.core.metadata.db import MetadataDB, load_labels
 from berth.core.metadata.leases import LABEL_GC_EXPIRE, parse_expiry
+from berth.core.metadata.snapshots import NamespacedSnapshotter, collect_backend
 
 __all__ = [
     "LABEL_GC_FLAT",
@@ -229,6 +230,7 @@ class GCResult:
     removed: list[Node]
     blobs_removed: int
     ingests_aborted: int
+    snapshots_removed: int
     pause: float
     duration: float
     errors: list[str]
@@ -238,9 +240,12 @@ class GarbageCollector:
     """Collects the metadata database and the content backend; one collection at a time."""
 
     def __init__(self, db: MetadataDB, content: NamespacedContentStore | None = None,
-                 publish: Publish | None = None) -> None:
+                 publish: Publish | None = None,
+                 snapshotters: Mapping[str, NamespacedSnapshotter] | None = None) -> None:
         self.db = db
         self.content = content
+        #: Namespaced snapshotters by name, whose backends are cleaned after each sweep.
+        self.snapshotters: dict[str, NamespacedSnapshotter] = dict(snapshotters or {})
         self._publish = publish or (lambda *_: None)
         self._running = trio.Lock()
         self.last: GCResult | None = None
@@ -272,10 +277,14 @@ class GarbageCollector:
         blobs = aborted = 0
         if self.content is not None:
             blobs, aborted = await self._clean_content(self.content, errors)
-        result = GCResult(removed=removed, blobs_removed=blobs, ingests_aborted=aborted, pause=pause,
-                          duration=time.monotonic() - started, errors=errors)
+        snapshots = 0
+        for snapshotter in self.snapshotters.values():
+            snapshots += await collect_backend(snapshotter, errors)
+        result = GCResult(removed=removed, blobs_removed=blobs, ingests_aborted=aborted,
+                          snapshots_removed=snapshots, pause=pause, duration=time.monotonic() - started,
+                          errors=errors)
         self.last = result
-        log.info("gc_collected", records=len(removed), blobs=blobs, ingests=aborted,
+        log.info("gc_collected", records=len(removed), blobs=blobs, ingests=aborted, snapshots=snapshots,
                  pause_ms=round(pause * 1000, 3), errors=len(errors))
         return result
 

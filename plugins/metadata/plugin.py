@@ -13,6 +13,7 @@ from berth.core.metadata.content import NamespacedContentStore
 from berth.core.metadata.db import MetadataDB
 from berth.core.metadata.gc import GarbageCollector
 from berth.core.metadata.namespaces import NamespaceStore
+from berth.core.metadata.snapshots import NamespacedSnapshotter
 from berth.core.plugin import InitContext, PluginType, Registration, Registry, hookimpl, plugin_ref
 
 
@@ -32,9 +33,11 @@ class Metadata:
     """What the plugin provides: the database and every namespaced store on it."""
 
     def __init__(self, db: MetadataDB, content: NamespacedContentStore, namespaces: NamespaceStore,
-                 gc: GarbageCollector) -> None:
+                 gc: GarbageCollector, snapshotters: dict[str, NamespacedSnapshotter]) -> None:
         self.db = db
         self.content = content
+        #: Every loaded snapshotter, namespaced, by its plugin id.
+        self.snapshotters = snapshotters
         self.namespaces = namespaces
         self.gc = gc
         #: Called after every deletion of a record (the GC scheduler listens).
@@ -57,8 +60,11 @@ async def init(ic: InitContext) -> Metadata:
     metadata: Metadata
     content = NamespacedContentStore(db, backend, policy=config.content_sharing_policy, publish=exchange.publish,
                                      on_delete=lambda: metadata._deleted())
+    snapshotters = {name: NamespacedSnapshotter(db, name, backend, publish=exchange.publish,
+                                                on_delete=lambda: metadata._deleted())
+                    for name, backend in ic.get_by_type(PluginType.SNAPSHOTTER).items()}
     metadata = Metadata(db, content, NamespaceStore(db, exchange.publish),
-                        GarbageCollector(db, content, exchange.publish))
+                        GarbageCollector(db, content, exchange.publish, snapshotters), snapshotters)
     ic.meta.exports.update({"path": str(path), "policy": config.content_sharing_policy})
     return metadata
 
@@ -66,4 +72,4 @@ async def init(ic: InitContext) -> Metadata:
 @hookimpl
 def berth_register(registry: Registry) -> None:
     registry.register(Registration(type=PluginType.METADATA, id="sqlite", init=init, config=Config,
-                                   requires=(PluginType.CONTENT, PluginType.EVENT)))
+                                   requires=(PluginType.CONTENT, PluginType.SNAPSHOTTER, PluginType.EVENT)))
