@@ -292,6 +292,87 @@ def cmd_leases_rm(client: Client, args: argparse.Namespace) -> None:
     _remove_each(args.ids, lambda lease_id: client.lease_delete(lease_id, sync=args.sync))
 
 
+def _snapshot_call(client: Client, args: argparse.Namespace, method: str, **fields: Any) -> Any:
+    return client.call(f"snapshots.{method}", {"snapshotter": args.snapshotter, **fields})
+
+
+def _print_mounts(mounts: list[dict[str, Any]], target: str) -> None:
+    """As ctr: one ``mount`` command per mount, ready to paste."""
+    for m in mounts:
+        options = f" -o {','.join(m['options'])}" if m["options"] else ""
+        where = f"{target.rstrip('/')}/{m['target'].lstrip('/')}" if m.get("target") else target
+        sys.stdout.write(f"mount -t {m['type']} {m['source']} {where}{options}\n")
+
+
+def cmd_snapshots_ls(client: Client, args: argparse.Namespace) -> None:
+    infos = _snapshot_call(client, args, "list", filters=args.filters)["infos"]
+    if args.format == "json":
+        _print_json(infos)
+    else:
+        _print_table(["KEY", "PARENT", "KIND"], [[i["name"], i["parent"], i["kind"]] for i in infos])
+
+
+def cmd_snapshots_prepare(client: Client, args: argparse.Namespace) -> None:
+    mounts = _snapshot_call(client, args, "prepare", key=args.key, parent=args.parent,
+                            labels=_parse_labels(args.labels))["mounts"]
+    if args.mounts:
+        _print_mounts(mounts, args.target or args.key)
+
+
+def cmd_snapshots_view(client: Client, args: argparse.Namespace) -> None:
+    mounts = _snapshot_call(client, args, "view", key=args.key, parent=args.parent,
+                            labels=_parse_labels(args.labels))["mounts"]
+    if args.mounts:
+        _print_mounts(mounts, args.target or args.key)
+
+
+def cmd_snapshots_mounts(client: Client, args: argparse.Namespace) -> None:
+    _print_mounts(_snapshot_call(client, args, "mounts", key=args.key)["mounts"], args.target)
+
+
+def cmd_snapshots_commit(client: Client, args: argparse.Namespace) -> None:
+    _snapshot_call(client, args, "commit", name=args.name, key=args.key, labels=_parse_labels(args.labels))
+
+
+def cmd_snapshots_rm(client: Client, args: argparse.Namespace) -> None:
+    _remove_each(args.keys, lambda key: _snapshot_call(client, args, "remove", key=key))
+
+
+def cmd_snapshots_info(client: Client, args: argparse.Namespace) -> None:
+    _print_json(_snapshot_call(client, args, "stat", key=args.key)["info"])
+
+
+def cmd_snapshots_usage(client: Client, args: argparse.Namespace) -> None:
+    keys = args.keys or [i["name"] for i in _snapshot_call(client, args, "list", filters=[])["infos"]]
+    rows = []
+    for key in keys:
+        usage = _snapshot_call(client, args, "usage", key=key)
+        rows.append([key, human_size(usage["size"]), str(usage["inodes"])])
+    _print_table(["KEY", "SIZE", "INODES"], rows)
+
+
+def cmd_snapshots_tree(client: Client, args: argparse.Namespace) -> None:
+    infos = _snapshot_call(client, args, "list", filters=[])["infos"]
+    children: dict[str, list[str]] = {}
+    for info in infos:
+        children.setdefault(info["parent"], []).append(info["name"])
+
+    def show(name: str, depth: int) -> None:
+        sys.stdout.write("  " * depth + ("\\_ " if depth else "") + name + "\n")
+        for child in sorted(children.get(name, [])):
+            show(child, depth + 1)
+
+    for root in sorted(children.get("", [])):
+        show(root, 0)
+
+
+def cmd_snapshots_label(client: Client, args: argparse.Namespace) -> None:
+    labels = _parse_labels(args.labels)
+    info = _snapshot_call(client, args, "update", key=args.key, labels={k: v for k, v in labels.items() if v},
+                          update_mask=[f"labels.{key}" for key in labels])["info"]
+    sys.stdout.write(_format_labels(info["labels"]) + "\n")
+
+
 def cmd_events(client: Client, args: argparse.Namespace) -> None:
     for envelope in client.subscribe(args.filters):
         if args.format == "json":
@@ -397,6 +478,39 @@ def _parser() -> argparse.ArgumentParser:
     l_rm.add_argument("--sync", action="store_true",
                       help="collect garbage before returning (what only these leases held is gone)")
     l_rm.add_argument("ids", nargs="+", metavar="ID")
+
+    snapshots = commands.add_parser("snapshots", aliases=["snapshot", "snap"], help="manage snapshots")
+    snapshots.add_argument("--snapshotter", default="", help="snapshotter to use (default: the daemon's default)")
+    snap_sub = snapshots.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s_ls = add(snap_sub, "ls", cmd_snapshots_ls, "list snapshots", ["list"])
+    s_ls.add_argument("--format", choices=["table", "json"], default="table")
+    s_ls.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. kind==committed")
+    for name, handler, text in (("prepare", cmd_snapshots_prepare, "create an active snapshot"),
+                                ("view", cmd_snapshots_view, "create a read-only view")):
+        create = add(snap_sub, name, handler, text)
+        create.add_argument("--mounts", action="store_true", help="print the mount commands")
+        create.add_argument("--target", default="", help="mount point shown with --mounts (default: the key)")
+        create.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE")
+        create.add_argument("key")
+        create.add_argument("parent", nargs="?", default="")
+    s_mounts = add(snap_sub, "mounts", cmd_snapshots_mounts, "print the mount commands of a snapshot", ["m"])
+    s_mounts.add_argument("target")
+    s_mounts.add_argument("key")
+    s_commit = add(snap_sub, "commit", cmd_snapshots_commit, "commit an active snapshot")
+    s_commit.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE")
+    s_commit.add_argument("name")
+    s_commit.add_argument("key")
+    s_rm = add(snap_sub, "rm", cmd_snapshots_rm, "remove snapshots (their disk space goes at the next GC)",
+               ["remove", "delete", "del"])
+    s_rm.add_argument("keys", nargs="+", metavar="KEY")
+    s_info = add(snap_sub, "info", cmd_snapshots_info, "print a snapshot's info as JSON")
+    s_info.add_argument("key")
+    s_usage = add(snap_sub, "usage", cmd_snapshots_usage, "disk used by snapshots (each without its parents)")
+    s_usage.add_argument("keys", nargs="*", metavar="KEY")
+    add(snap_sub, "tree", cmd_snapshots_tree, "show snapshots as a tree of parents")
+    s_label = add(snap_sub, "label", cmd_snapshots_label, "set labels (an empty VALUE removes the label)")
+    s_label.add_argument("key")
+    s_label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
 
     events = add(commands, "events", cmd_events, "print events as they happen", ["event"])
     events.add_argument("--format", choices=["text", "json"], default="text")
