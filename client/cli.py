@@ -12,11 +12,13 @@
                 rm DIGEST... | label DIGEST [KEY=VALUE...] | active [-q] [--format table|json] [FILTER...]
         leases ls [-q] [--format table|json] [FILTER...] |
                create [--id ID] [--expires DURATION] [--label K=V]... [KEY=VALUE...] | rm [--sync] ID...
+        snapshots [--snapshotter S] ls | prepare | view | mounts | commit | rm | info | usage | tree | label
         events [--format json] [FILTER...]
 
 ``BERTH_ADDRESS`` and ``BERTH_NAMESPACE`` set the defaults of ``--address`` and ``--namespace``;
-``--lease`` makes content commands work under that lease. Errors are one line on stderr,
-``berth: <message> (<code>)``, and exit status 1 (2 for a bad command line).
+``--lease`` makes content and snapshot commands work under that lease (docs/cli.md has every command).
+Errors are one line on stderr, ``berth: <message> (<code>)``, and exit status 1 (2 for a bad command
+line).
 
 Start-up cost matters here: this module imports only argparse, the sync client and core's errors
 (JSON is imported when ``--format json`` asks for it).
@@ -293,7 +295,7 @@ def cmd_leases_rm(client: Client, args: argparse.Namespace) -> None:
 
 
 def _snapshot_call(client: Client, args: argparse.Namespace, method: str, **fields: Any) -> Any:
-    return client.call(f"snapshots.{method}", {"snapshotter": args.snapshotter, **fields})
+    return client.call(f"snapshots.{method}", {"snapshotter": args.snapshotter, **fields}, lease=args.lease)
 
 
 def _print_mounts(mounts: list[dict[str, Any]], target: str) -> None:
@@ -400,7 +402,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="namespace to work in (env BERTH_NAMESPACE; default %(default)s)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds each call may take")
     parser.add_argument("--lease", default=None, metavar="ID",
-                        help="run content commands under this lease (what they create joins it)")
+                        help="run content and snapshot commands under this lease (what they create joins it)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(sub: Any, name: str, handler: Callable[[Client, argparse.Namespace], None], help_text: str,
@@ -438,7 +440,8 @@ def _parser() -> argparse.ArgumentParser:
     c_ls = add(content_sub, "ls", cmd_content_ls, "list blobs", ["list"])
     c_ls.add_argument("--quiet", "-q", action="store_true", help="print only the digests")
     c_ls.add_argument("--format", choices=["table", "json"], default="table")
-    c_ls.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. labels.\"berth.io/gc.root\" or size>1000")
+    c_ls.add_argument("filters", nargs="*", metavar="FILTER",
+                      help='e.g. labels."berth.io/gc.root" or digest==sha256:...')
     c_info = add(content_sub, "info", cmd_content_info, "print a blob's info as JSON")
     c_info.add_argument("digest")
     c_get = add(content_sub, "get", cmd_content_get, "write a blob to stdout")

@@ -407,7 +407,12 @@ class Client:
             eof = False
             while True:
                 while not eof and len(in_flight) < window:
-                    data = source.read(chunk_size)
+                    try:
+                        data = source.read(chunk_size)
+                    except Exception:  # keep what was sent: let the writes in flight land first
+                        while in_flight:
+                            self._collect(in_flight.popleft())
+                        raise
                     if not data:
                         eof = True
                         break

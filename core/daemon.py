@@ -199,7 +199,12 @@ class Daemon:
             target = self.plugins.get(f"{ref_type}.{value}")
             if target is not None and target.status is PluginStatus.OK:
                 continue
-            why = "did not load" if target is None else f"{target.status}: {target.error_message}"
+            if target is None:
+                why = "did not load"
+            elif target.status is PluginStatus.SKIP:
+                why = f"was skipped: {target.error_message}"
+            else:
+                why = f"failed to load: {target.error_message}"
             error = self.loaded_config.error(("plugins", registration.uri, name),
                                              f"names {ref_type} plugin {value!r}, which {why}")
             raise StartupError(error.message)

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages berth's code and tests use.
-APT_PACKAGES=(iproute2 procps)
+APT_PACKAGES=(iproute2 procps btrfs-progs libbtrfsutil-dev)
 
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
@@ -19,5 +19,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PYTHON=${PYTHON:-python3}
-"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test,btrfs]'
 "$PYTHON" -m compileall -q core plugins runtimes snapshotters client conformance >/dev/null

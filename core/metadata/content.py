@@ -86,10 +86,11 @@ class NamespacedContentStore:
                 labels = load_labels(row["labels"])
                 for path in fieldpaths:
                     key = path.removeprefix("labels.")
-                    if key in info.labels:
+                    if info.labels.get(key):
                         labels[key] = info.labels[key]
                     else:
                         labels.pop(key, None)
+            labels = {k: v for k, v in labels.items() if v}  # an empty value removes the label, as in containerd
             now = time.time()
             conn.execute("UPDATE content SET labels = ?, updated_at = ? WHERE namespace = ? AND digest = ?",
                          (dump_labels(labels), now, namespace, info.digest))

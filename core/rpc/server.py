@@ -81,6 +81,8 @@ H = TypeVar("H", bound=Handler)
 current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("berth_current_call")
 
 _RECEIVE_SIZE = 256 * 1024
+#: How long a message cut short by cancellation may take to finish going out (see ``_Connection.send``).
+_SEND_GRACE = 5.0
 
 
 def streaming(handler: H) -> H:
@@ -194,18 +196,49 @@ class _Connection:
 
     async def send(self, message: Any) -> None:
         data = pack(message)
-        if self.raw is not None and not self.send_lock.locked():
-            try:
-                sent = self.raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as err:
-                raise trio.BrokenResourceError(str(err)) from err
-            if sent == len(data):
-                return
-            data = data[sent:]
-        async with self.send_lock:
-            await self.stream.send_all(data)
+        if self.raw is None:
+            async with self.send_lock:
+                await self.stream.send_all(data)
+            return
+        if self.send_lock.locked():
+            await self.send_lock.acquire()  # cancellable: none of this message has gone out
+        else:
+            self.send_lock.acquire_nowait()
+        try:
+            view = memoryview(data)[self._send_some(data):]
+            while view:
+                try:
+                    await trio.lowlevel.wait_writable(self.raw)
+                except trio.Cancelled:
+                    if len(view) < len(data):
+                        await self._finish(view)
+                    raise
+                view = view[self._send_some(view):]
+        finally:
+            self.send_lock.release()
+
+    def _send_some(self, data: bytes | memoryview) -> int:
+        assert self.raw is not None
+        try:
+            return self.raw.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as err:
+            raise trio.BrokenResourceError(str(err)) from err
+
+    async def _finish(self, view: memoryview) -> None:
+        """Send the rest of a message cut short by cancellation: the peer could not find the next
+        message in a stream that ends half-way through one. A peer that does not take it within
+        :data:`_SEND_GRACE` seconds is disconnected."""
+        assert self.raw is not None
+        with trio.move_on_after(_SEND_GRACE) as grace:
+            grace.shield = True
+            while view:
+                await trio.lowlevel.wait_writable(self.raw)
+                view = view[self._send_some(view):]
+        if view:
+            with contextlib.suppress(OSError):
+                self.raw.shutdown(socket.SHUT_RDWR)
 
     async def receive(self) -> bytes | bytearray:
         if self.raw is not None:

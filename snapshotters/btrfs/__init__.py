@@ -1,0 +1,1 @@
+"""``io.berth.snapshotter.v1.btrfs``: snapshots as btrfs subvolumes (see :mod:`.btrfs`)."""

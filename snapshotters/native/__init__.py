@@ -1,0 +1,1 @@
+"""The native (copying) snapshotter (``io.berth.snapshotter.v1.native``)."""

@@ -1,0 +1,1 @@
+"""The overlayfs snapshotter (``io.berth.snapshotter.v1.overlayfs``)."""
