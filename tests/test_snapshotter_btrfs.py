@@ -5,20 +5,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
 from btrfs_fixture import btrfs_root  # noqa: F401 (a fixture)
+from conftest import BerthdProcess
 
-from berth.client.sync import Client
-from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, NotFound
+from berth.core.errdefs import AlreadyExists, FailedPrecondition, NotFound
 from berth.core.plugin import SkipPlugin
 from berth.core.snapshots.mount import amount_all, aunmount_all
 from berth.core.snapshots.snapshotter import Kind, Mount
@@ -50,10 +46,6 @@ async def mounted(mounts: list[Mount], target: Path) -> AsyncIterator[Path]:
     finally:
         with trio.CancelScope(shield=True):
             await aunmount_all(target)
-
-
-def subvolume(sn: BtrfsSnapshotter, kind_dir: str, snapshot_id: int) -> Path:
-    return sn.root / kind_dir / str(snapshot_id)
 
 
 def only_entry(directory: Path) -> Path:
@@ -213,42 +205,12 @@ async def test_skip_when_root_is_not_btrfs(tmp_path: Path) -> None:
         await BtrfsSnapshotter.open(tmp_path / "root")
 
 
-def test_berthd_reports_skip(tmp_path: Path) -> None:
-    if lookup_mount(tmp_path).fstype == "btrfs":
-        pytest.skip("the temporary directory is on btrfs")
-    socket_dir = Path(tempfile.mkdtemp(prefix="b"))  # a unix socket path must stay short
-    sock = socket_dir / "b.sock"
-    config = tmp_path / "config.toml"
-    config.write_text("version = 1\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("BERTH_ADDRESS", "BERTH_NAMESPACE", "NOTIFY_SOCKET")}
-    log = tmp_path / "berthd.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "berth.plugins.berthd", "--config", str(config),
-                                 "--root", str(tmp_path / "root"), "--state", str(tmp_path / "state"),
-                                 "--address", str(sock)],
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
-    try:
-        deadline = time.monotonic() + 15
-        plugins = None
-        while plugins is None:
-            assert proc.poll() is None, f"berthd exited: {log.read_text()}"
-            assert time.monotonic() < deadline, f"berthd not ready: {log.read_text()}"
-            if sock.is_socket():
-                with contextlib.suppress(BerthError), Client(str(sock), timeout=2.0) as client:
-                    plugins = client.plugins()
-            if plugins is None:
-                time.sleep(0.05)
-        btrfs = next(p for p in plugins if p["uri"] == URI)
-        assert btrfs["status"] == "skip"
-        assert "must be a btrfs filesystem" in btrfs["error"]["message"]
-        assert str(tmp_path / "root" / URI) in btrfs["error"]["message"]
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        sock.unlink(missing_ok=True)
-        socket_dir.rmdir()
+def test_berthd_reports_skip(berthd: BerthdProcess) -> None:
+    if lookup_mount(berthd.root).fstype == "btrfs":
+        pytest.skip("the daemon's root is on btrfs")
+    with berthd.client() as client:
+        plugins = client.plugins()
+    btrfs = next(p for p in plugins if p["uri"] == URI)
+    assert btrfs["status"] == "skip"
+    assert "must be a btrfs filesystem" in btrfs["error"]["message"]
+    assert str(berthd.root / URI) in btrfs["error"]["message"]
