@@ -11,7 +11,7 @@ from berth.plugins.metadata.plugin import Metadata
 async def init(ic: InitContext) -> LeaseManager:
     metadata: Metadata = ic.get_single(PluginType.METADATA)
     scheduler: Scheduler = ic.get_single(PluginType.GC)
-    return LeaseManager(metadata.db, collect=scheduler.collect_now)
+    return LeaseManager(metadata.db, collect=scheduler.collect_now, on_delete=metadata.notify_deletion)
 
 
 @hookimpl

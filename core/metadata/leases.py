@@ -114,11 +114,14 @@ class LeaseManager:
     Args:
         db: the metadata database.
         collect: runs a garbage collection now (used by ``delete(sync=True)``).
+        on_delete: called after a lease is deleted (the GC scheduler schedules a collection).
     """
 
-    def __init__(self, db: MetadataDB, collect: Callable[[], Awaitable[object]] | None = None) -> None:
+    def __init__(self, db: MetadataDB, collect: Callable[[], Awaitable[object]] | None = None,
+                 on_delete: Callable[[], None] | None = None) -> None:
         self._db = db
         self._collect = collect
+        self._on_delete = on_delete or (lambda: None)
 
     async def create(self, lease_id: str, labels: Mapping[str, str] | None = None,
                      expires_in: float | None = None) -> Lease:
@@ -157,6 +160,7 @@ class LeaseManager:
                 raise NotFound(f"lease {lease_id} not found")
 
         await self._db.write(remove)
+        self._on_delete()  # what only this lease held is now garbage: let GC know
         if sync and self._collect is not None:
             await self._collect()
 

@@ -130,7 +130,10 @@ class Scheduler:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Schedule collections until cancelled."""
         task_status.started()
-        await trio.sleep(self.config.startup_delay)
+        with trio.move_on_after(self.config.startup_delay):
+            while not self._waiters:  # a synchronous request does not wait out the startup delay
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
         await self._collect()
         while True:
             due = self._due()

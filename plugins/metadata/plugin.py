@@ -43,7 +43,8 @@ class Metadata:
         #: Called after every deletion of a record (the GC scheduler listens).
         self.deletion_listeners: list[Callable[[], None]] = []
 
-    def _deleted(self) -> None:
+    def notify_deletion(self) -> None:
+        """A record was deleted: tell the listeners (the GC scheduler schedules a collection)."""
         for listener in self.deletion_listeners:
             listener()
 
@@ -59,9 +60,9 @@ async def init(ic: InitContext) -> Metadata:
     db = await MetadataDB.open(path, no_sync=config.no_sync)
     metadata: Metadata
     content = NamespacedContentStore(db, backend, policy=config.content_sharing_policy, publish=exchange.publish,
-                                     on_delete=lambda: metadata._deleted())
+                                     on_delete=lambda: metadata.notify_deletion())
     snapshotters = {name: NamespacedSnapshotter(db, name, backend, publish=exchange.publish,
-                                                on_delete=lambda: metadata._deleted())
+                                                on_delete=lambda: metadata.notify_deletion())
                     for name, backend in ic.get_by_type(PluginType.SNAPSHOTTER).items()}
     metadata = Metadata(db, content, NamespaceStore(db, exchange.publish),
                         GarbageCollector(db, content, exchange.publish, snapshotters), snapshotters)
