@@ -32,7 +32,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from berth.client.sync import Client, default_address, default_namespace
 from berth.core import __version__
@@ -108,7 +108,7 @@ def human_duration(seconds: float) -> str:
     return f"{int(seconds / 3600) // 24 // 365} years"
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)"  # compiled on first use
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -117,7 +117,7 @@ def parse_duration(text: str) -> float:
     if text == "0":
         return 0.0
     seconds, position = 0.0, 0
-    for match in _DURATION_PART.finditer(text):
+    for match in re.finditer(_DURATION_PART, text):
         if match.start() != position:
             break
         seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
@@ -394,7 +394,9 @@ def cmd_events(client: Client, args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------- parser
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser. With ``only`` (a command word), the other commands get no sub-commands
+    or options: building them all would cost every run a few milliseconds of start-up."""
     parser = argparse.ArgumentParser(prog="berth", description="talk to berthd, berth's container daemon")
     parser.add_argument("--address", "-a", default=default_address(),
                         help="berthd's socket (env BERTH_ADDRESS; default %(default)s)")
@@ -405,6 +407,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="run content and snapshot commands under this lease (what they create joins it)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    def want(*names: str) -> bool:
+        return only is None or only in names
+
     def add(sub: Any, name: str, handler: Callable[[Client, argparse.Namespace], None], help_text: str,
             aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
         command: argparse.ArgumentParser = sub.add_parser(name, help=help_text, aliases=list(aliases))
@@ -414,106 +419,111 @@ def _parser() -> argparse.ArgumentParser:
     add(commands, "version", cmd_version, "print the client and server versions")
 
     plugins = commands.add_parser("plugins", aliases=["plugin"], help="plugins the daemon loaded")
-    plugins_sub = plugins.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = add(plugins_sub, "ls", cmd_plugins_ls, "list plugins with their status", ["list"])
-    ls.add_argument("--detailed", "-d", action="store_true", help="show exports, capabilities and errors")
-    ls.add_argument("--format", choices=["table", "json"], default="table")
-    ls.add_argument("filters", nargs="*", metavar="FILTER", help='e.g. type==io.berth.rpc.v1 or status==error')
+    if want("plugins", "plugin"):
+        plugins_sub = plugins.add_subparsers(dest="action", metavar="ACTION", required=True)
+        ls = add(plugins_sub, "ls", cmd_plugins_ls, "list plugins with their status", ["list"])
+        ls.add_argument("--detailed", "-d", action="store_true", help="show exports, capabilities and errors")
+        ls.add_argument("--format", choices=["table", "json"], default="table")
+        ls.add_argument("filters", nargs="*", metavar="FILTER", help='e.g. type==io.berth.rpc.v1 or status==error')
 
     namespaces = commands.add_parser("namespaces", aliases=["namespace", "ns"], help="manage namespaces")
-    ns_sub = namespaces.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ns_ls = add(ns_sub, "ls", cmd_namespaces_ls, "list namespaces", ["list"])
-    ns_ls.add_argument("--quiet", "-q", action="store_true", help="print only the names")
-    ns_ls.add_argument("--format", choices=["table", "json"], default="table")
-    ns_ls.add_argument("filters", nargs="*", metavar="FILTER")
-    create = add(ns_sub, "create", cmd_namespaces_create, "create a namespace")
-    create.add_argument("name")
-    create.add_argument("labels", nargs="*", metavar="KEY=VALUE")
-    rm = add(ns_sub, "rm", cmd_namespaces_rm, "remove namespaces", ["remove", "delete"])
-    rm.add_argument("names", nargs="+", metavar="NAME")
-    label = add(ns_sub, "label", cmd_namespaces_label, "set labels (an empty VALUE removes the label)")
-    label.add_argument("name")
-    label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+    if want("namespaces", "namespace", "ns"):
+        ns_sub = namespaces.add_subparsers(dest="action", metavar="ACTION", required=True)
+        ns_ls = add(ns_sub, "ls", cmd_namespaces_ls, "list namespaces", ["list"])
+        ns_ls.add_argument("--quiet", "-q", action="store_true", help="print only the names")
+        ns_ls.add_argument("--format", choices=["table", "json"], default="table")
+        ns_ls.add_argument("filters", nargs="*", metavar="FILTER")
+        create = add(ns_sub, "create", cmd_namespaces_create, "create a namespace")
+        create.add_argument("name")
+        create.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+        rm = add(ns_sub, "rm", cmd_namespaces_rm, "remove namespaces", ["remove", "delete"])
+        rm.add_argument("names", nargs="+", metavar="NAME")
+        label = add(ns_sub, "label", cmd_namespaces_label, "set labels (an empty VALUE removes the label)")
+        label.add_argument("name")
+        label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
 
     content = commands.add_parser("content", help="manage content (blobs and ingests)")
-    content_sub = content.add_subparsers(dest="action", metavar="ACTION", required=True)
-    c_ls = add(content_sub, "ls", cmd_content_ls, "list blobs", ["list"])
-    c_ls.add_argument("--quiet", "-q", action="store_true", help="print only the digests")
-    c_ls.add_argument("--format", choices=["table", "json"], default="table")
-    c_ls.add_argument("filters", nargs="*", metavar="FILTER",
-                      help='e.g. labels."berth.io/gc.root" or digest==sha256:...')
-    c_info = add(content_sub, "info", cmd_content_info, "print a blob's info as JSON")
-    c_info.add_argument("digest")
-    c_get = add(content_sub, "get", cmd_content_get, "write a blob to stdout")
-    c_get.add_argument("digest")
-    c_ingest = add(content_sub, "ingest", cmd_content_ingest,
-                   "write stdin as a blob under REF (resumes an interrupted ingest) and print its digest")
-    c_ingest.add_argument("--expected-digest", default="", metavar="DIGEST", help="verify the blob's digest")
-    c_ingest.add_argument("--expected-size", type=int, default=0, metavar="BYTES", help="verify the blob's size")
-    c_ingest.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE",
-                          help="label the blob (repeatable)")
-    c_ingest.add_argument("ref", metavar="REF", help="the ingest's name, e.g. the digest or a file name")
-    c_rm = add(content_sub, "rm", cmd_content_rm, "remove blobs (their bytes go at the next GC)",
-               ["remove", "delete", "del"])
-    c_rm.add_argument("digests", nargs="+", metavar="DIGEST")
-    c_label = add(content_sub, "label", cmd_content_label, "set labels (an empty VALUE removes the label)")
-    c_label.add_argument("digest")
-    c_label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
-    c_active = add(content_sub, "active", cmd_content_active, "list ingests in progress", ["ingests"])
-    c_active.add_argument("--quiet", "-q", action="store_true", help="print only the refs")
-    c_active.add_argument("--format", choices=["table", "json"], default="table")
-    c_active.add_argument("filters", nargs="*", metavar="FILTER", help='e.g. ref~="^layer-"')
+    if want("content"):
+        content_sub = content.add_subparsers(dest="action", metavar="ACTION", required=True)
+        c_ls = add(content_sub, "ls", cmd_content_ls, "list blobs", ["list"])
+        c_ls.add_argument("--quiet", "-q", action="store_true", help="print only the digests")
+        c_ls.add_argument("--format", choices=["table", "json"], default="table")
+        c_ls.add_argument("filters", nargs="*", metavar="FILTER",
+                          help='e.g. labels."berth.io/gc.root" or digest==sha256:...')
+        c_info = add(content_sub, "info", cmd_content_info, "print a blob's info as JSON")
+        c_info.add_argument("digest")
+        c_get = add(content_sub, "get", cmd_content_get, "write a blob to stdout")
+        c_get.add_argument("digest")
+        c_ingest = add(content_sub, "ingest", cmd_content_ingest,
+                       "write stdin as a blob under REF (resumes an interrupted ingest) and print its digest")
+        c_ingest.add_argument("--expected-digest", default="", metavar="DIGEST", help="verify the blob's digest")
+        c_ingest.add_argument("--expected-size", type=int, default=0, metavar="BYTES", help="verify the blob's size")
+        c_ingest.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE",
+                              help="label the blob (repeatable)")
+        c_ingest.add_argument("ref", metavar="REF", help="the ingest's name, e.g. the digest or a file name")
+        c_rm = add(content_sub, "rm", cmd_content_rm, "remove blobs (their bytes go at the next GC)",
+                   ["remove", "delete", "del"])
+        c_rm.add_argument("digests", nargs="+", metavar="DIGEST")
+        c_label = add(content_sub, "label", cmd_content_label, "set labels (an empty VALUE removes the label)")
+        c_label.add_argument("digest")
+        c_label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+        c_active = add(content_sub, "active", cmd_content_active, "list ingests in progress", ["ingests"])
+        c_active.add_argument("--quiet", "-q", action="store_true", help="print only the refs")
+        c_active.add_argument("--format", choices=["table", "json"], default="table")
+        c_active.add_argument("filters", nargs="*", metavar="FILTER", help='e.g. ref~="^layer-"')
 
     leases = commands.add_parser("leases", aliases=["lease"], help="manage leases")
-    leases_sub = leases.add_subparsers(dest="action", metavar="ACTION", required=True)
-    l_ls = add(leases_sub, "ls", cmd_leases_ls, "list leases", ["list"])
-    l_ls.add_argument("--quiet", "-q", action="store_true", help="print only the ids")
-    l_ls.add_argument("--format", choices=["table", "json"], default="table")
-    l_ls.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. id==build-1")
-    l_create = add(leases_sub, "create", cmd_leases_create, "create a lease and print its id")
-    l_create.add_argument("--id", default="", help="the lease id (default: a random one)")
-    l_create.add_argument("--expires", "-x", type=parse_duration, default=24 * 3600.0, metavar="DURATION",
-                          help="expire after this long, e.g. 24h, 30m, 90s; 0 never expires (default 24h)")
-    l_create.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE",
-                          help="label the lease (repeatable)")
-    l_create.add_argument("label_args", nargs="*", metavar="KEY=VALUE", help="more labels")
-    l_rm = add(leases_sub, "rm", cmd_leases_rm, "remove leases", ["remove", "delete", "del"])
-    l_rm.add_argument("--sync", action="store_true",
-                      help="collect garbage before returning (what only these leases held is gone)")
-    l_rm.add_argument("ids", nargs="+", metavar="ID")
+    if want("leases", "lease"):
+        leases_sub = leases.add_subparsers(dest="action", metavar="ACTION", required=True)
+        l_ls = add(leases_sub, "ls", cmd_leases_ls, "list leases", ["list"])
+        l_ls.add_argument("--quiet", "-q", action="store_true", help="print only the ids")
+        l_ls.add_argument("--format", choices=["table", "json"], default="table")
+        l_ls.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. id==build-1")
+        l_create = add(leases_sub, "create", cmd_leases_create, "create a lease and print its id")
+        l_create.add_argument("--id", default="", help="the lease id (default: a random one)")
+        l_create.add_argument("--expires", "-x", type=parse_duration, default=24 * 3600.0, metavar="DURATION",
+                              help="expire after this long, e.g. 24h, 30m, 90s; 0 never expires (default 24h)")
+        l_create.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE",
+                              help="label the lease (repeatable)")
+        l_create.add_argument("label_args", nargs="*", metavar="KEY=VALUE", help="more labels")
+        l_rm = add(leases_sub, "rm", cmd_leases_rm, "remove leases", ["remove", "delete", "del"])
+        l_rm.add_argument("--sync", action="store_true",
+                          help="collect garbage before returning (what only these leases held is gone)")
+        l_rm.add_argument("ids", nargs="+", metavar="ID")
 
     snapshots = commands.add_parser("snapshots", aliases=["snapshot", "snap"], help="manage snapshots")
-    snapshots.add_argument("--snapshotter", default="", help="snapshotter to use (default: the daemon's default)")
-    snap_sub = snapshots.add_subparsers(dest="action", metavar="ACTION", required=True)
-    s_ls = add(snap_sub, "ls", cmd_snapshots_ls, "list snapshots", ["list"])
-    s_ls.add_argument("--format", choices=["table", "json"], default="table")
-    s_ls.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. kind==committed")
-    for name, handler, text in (("prepare", cmd_snapshots_prepare, "create an active snapshot"),
-                                ("view", cmd_snapshots_view, "create a read-only view")):
-        create = add(snap_sub, name, handler, text)
-        create.add_argument("--mounts", action="store_true", help="print the mount commands")
-        create.add_argument("--target", default="", help="mount point shown with --mounts (default: the key)")
-        create.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE")
-        create.add_argument("key")
-        create.add_argument("parent", nargs="?", default="")
-    s_mounts = add(snap_sub, "mounts", cmd_snapshots_mounts, "print the mount commands of a snapshot", ["m"])
-    s_mounts.add_argument("target")
-    s_mounts.add_argument("key")
-    s_commit = add(snap_sub, "commit", cmd_snapshots_commit, "commit an active snapshot")
-    s_commit.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE")
-    s_commit.add_argument("name")
-    s_commit.add_argument("key")
-    s_rm = add(snap_sub, "rm", cmd_snapshots_rm, "remove snapshots (their disk space goes at the next GC)",
-               ["remove", "delete", "del"])
-    s_rm.add_argument("keys", nargs="+", metavar="KEY")
-    s_info = add(snap_sub, "info", cmd_snapshots_info, "print a snapshot's info as JSON")
-    s_info.add_argument("key")
-    s_usage = add(snap_sub, "usage", cmd_snapshots_usage, "disk used by snapshots (each without its parents)")
-    s_usage.add_argument("keys", nargs="*", metavar="KEY")
-    add(snap_sub, "tree", cmd_snapshots_tree, "show snapshots as a tree of parents")
-    s_label = add(snap_sub, "label", cmd_snapshots_label, "set labels (an empty VALUE removes the label)")
-    s_label.add_argument("key")
-    s_label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+    if want("snapshots", "snapshot", "snap"):
+        snapshots.add_argument("--snapshotter", default="", help="snapshotter to use (default: the daemon's default)")
+        snap_sub = snapshots.add_subparsers(dest="action", metavar="ACTION", required=True)
+        s_ls = add(snap_sub, "ls", cmd_snapshots_ls, "list snapshots", ["list"])
+        s_ls.add_argument("--format", choices=["table", "json"], default="table")
+        s_ls.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. kind==committed")
+        for name, handler, text in (("prepare", cmd_snapshots_prepare, "create an active snapshot"),
+                                    ("view", cmd_snapshots_view, "create a read-only view")):
+            create = add(snap_sub, name, handler, text)
+            create.add_argument("--mounts", action="store_true", help="print the mount commands")
+            create.add_argument("--target", default="", help="mount point shown with --mounts (default: the key)")
+            create.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE")
+            create.add_argument("key")
+            create.add_argument("parent", nargs="?", default="")
+        s_mounts = add(snap_sub, "mounts", cmd_snapshots_mounts, "print the mount commands of a snapshot", ["m"])
+        s_mounts.add_argument("target")
+        s_mounts.add_argument("key")
+        s_commit = add(snap_sub, "commit", cmd_snapshots_commit, "commit an active snapshot")
+        s_commit.add_argument("--label", dest="labels", action="append", default=[], metavar="KEY=VALUE")
+        s_commit.add_argument("name")
+        s_commit.add_argument("key")
+        s_rm = add(snap_sub, "rm", cmd_snapshots_rm, "remove snapshots (their disk space goes at the next GC)",
+                   ["remove", "delete", "del"])
+        s_rm.add_argument("keys", nargs="+", metavar="KEY")
+        s_info = add(snap_sub, "info", cmd_snapshots_info, "print a snapshot's info as JSON")
+        s_info.add_argument("key")
+        s_usage = add(snap_sub, "usage", cmd_snapshots_usage, "disk used by snapshots (each without its parents)")
+        s_usage.add_argument("keys", nargs="*", metavar="KEY")
+        add(snap_sub, "tree", cmd_snapshots_tree, "show snapshots as a tree of parents")
+        s_label = add(snap_sub, "label", cmd_snapshots_label, "set labels (an empty VALUE removes the label)")
+        s_label.add_argument("key")
+        s_label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
 
     events = add(commands, "events", cmd_events, "print events as they happen", ["event"])
     events.add_argument("--format", choices=["text", "json"], default="text")
@@ -521,8 +531,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Probe(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv`` (global options resolved as the real parser does), or ``None``."""
+    probe = _Probe(add_help=False)
+    for flags in (("--address", "-a"), ("--namespace", "-n"), ("--timeout",), ("--lease",)):
+        probe.add_argument(*flags)
+    probe.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        known, _ = probe.parse_known_args(argv)
+    except ValueError:
+        return None
+    return known.rest[0] if known.rest else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(_command_in(argv)).parse_args(argv)
+    if not hasattr(args, "handler"):  # the probe misread the command line: parse it with every command
+        args = _parser().parse_args(argv)
     client = Client(args.address, namespace=args.namespace, timeout=args.timeout)
     try:
         args.handler(client, args)

@@ -60,6 +60,9 @@ from berth.core.rpc.protocol import (
 __all__ = ["DEFAULT_ADDRESS", "Client", "default_address", "default_namespace"]
 
 DEFAULT_ADDRESS = "/run/berth/berth.sock"
+#: Most writes :meth:`Client.content_ingest` keeps in flight: their unread answers must fit in the
+#: socket's buffer, and the daemon serves at most ``max_concurrent_requests`` (128) at once.
+_MAX_WINDOW = 64
 
 
 def default_address() -> str:
@@ -361,8 +364,8 @@ class Client:
 
         Resumes: when the ingest ``ref`` already holds ``offset`` bytes, that many bytes of ``source``
         are skipped (seeked past when it is seekable, else read and dropped) and only the rest is sent.
-        Up to ``window`` writes of ``chunk_size`` bytes are in flight at once; the client holds at most
-        one chunk at a time, so memory stays bounded whatever the blob's size. ``expected`` and ``total``
+        Up to ``window`` writes (at most 64) of ``chunk_size`` bytes are in flight at once: the daemon
+        holds at most that many chunks and the client one, whatever the blob's size. ``expected`` and ``total``
         (when set) are verified at commit. A blob that exists already counts as written (as containerd's
         ``WriteBlob`` does; its labels are left alone).
 
@@ -376,6 +379,7 @@ class Client:
         """
         if chunk_size < 1 or window < 1:
             raise InvalidArgument("chunk_size and window must be at least 1")
+        window = min(window, _MAX_WINDOW)
         call: dict[str, Any] = {"ref": ref}
         try:
             reply = self.call("content.write", {**call, "action": "stat", "total": total, "expected": expected},
