@@ -137,6 +137,7 @@ def test_daemon_killed_during_snapshot_work_leaves_a_consistent_store(berthd_fac
         stop.set()
         worker.join(timeout=20)
         daemon = berthd_factory.start(config, name="crash")  # the same root
+        daemon.wait_log("gc_collected")  # the startup collection frees orphans; compare after it
         with daemon.client() as client:
             infos = client.call("snapshots.list", {})["infos"]
             committed = {i["name"] for i in infos if i["kind"] == "committed"}
