@@ -495,3 +495,11 @@ async def test_walk_allows_calls_while_iterating(overlay: OverlaySnapshotter) ->
         seen.append(info.name)
     assert seen == ["a", "b", "c"]
     assert [i.name async for i in overlay.walk(["name==b"])] == ["b"]
+
+
+async def test_calls_after_close_are_refused(tmp_path: Path) -> None:
+    sn = await NativeSnapshotter.open(tmp_path / "native")
+    await sn.aclose()
+    await sn.aclose()  # idempotent
+    with pytest.raises(FailedPrecondition, match="closed"):
+        await sn.prepare("after-close")

@@ -71,8 +71,11 @@ class MetaStore:
         self.path = path
         self._lock = trio.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
+        if self._closed:
+            raise FailedPrecondition(f"snapshot metastore {self.path} is closed")
         if self._conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -104,7 +107,9 @@ class MetaStore:
         return result
 
     async def aclose(self) -> None:
+        """Close the database; idempotent. Later transactions raise FailedPrecondition."""
         async with self._lock:
+            self._closed = True
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
