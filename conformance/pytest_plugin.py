@@ -11,6 +11,13 @@ cross-namespace cases are skipped, with containerd's reason, unless ``open_names
 given. A factory that needs fixtures (a daemon, say) can be named instead: pass the name of a
 fixture whose value is the factory, e.g. ``content_store_tests("remote_open_store")``.
 
+A snapshotter's, likewise (it collects ``test_my_snapshotter[Basic]`` ...
+``test_my_snapshotter[128LayersMount]``; see :mod:`berth.conformance.snapshotter`)::
+
+    from berth.conformance.pytest_plugin import snapshotter_tests
+
+    test_my_snapshotter = snapshotter_tests(open_my_snapshotter)
+
 Each test runs its case in a fresh ``trio.run`` under its own ``tmp_path``, so it works with or
 without pytest-trio; the factories must open everything they need inside their context manager.
 """
@@ -34,7 +41,7 @@ from berth.conformance.content import (
     OpenStore,
     run_content_case,
 )
-from berth.conformance.snapshotter import SNAPSHOTTER_CASES, OpenSnapshotter, run_snapshotter_case
+from berth.conformance.snapshotter import SNAPSHOTTER_CASES, OpenSnapshotter, RenameSupport, run_snapshotter_case
 
 __all__ = ["content_store_tests", "snapshotter_tests"]
 
@@ -72,11 +79,14 @@ def content_store_tests(open_store: OpenStore | str, *, open_namespaced_store: O
 
 
 def snapshotter_tests(open_snapshotter: OpenSnapshotter | str, *, cases: Iterable[str] | None = None,
-                      can_rename_lower_dirs: bool = True) -> Callable[..., None]:
-    """A pytest test function parametrized over the snapshotter ``cases`` (default: all 21).
+                      can_rename_lower_dirs: RenameSupport = True) -> Callable[..., None]:
+    """A pytest test function parametrized over the snapshotter ``cases`` (default: all 21, in order).
 
     ``open_snapshotter`` is a factory (see :mod:`berth.conformance.snapshotter`) or the name of a
-    fixture returning one. The cases mount for real: they are skipped unless the tests run as root.
+    fixture returning one; ``can_rename_lower_dirs`` is passed on to the Rename case. The cases
+    mount for real: they are skipped unless the tests run as root. What a case left out (see
+    :func:`~berth.conformance.snapshotter.run_snapshotter_case`) is printed and recorded in the
+    test's ``user_properties`` as ``("conformance-note", text)``.
 
     Raises:
         KeyError: an unknown case name.
@@ -91,7 +101,11 @@ def snapshotter_tests(open_snapshotter: OpenSnapshotter | str, *, cases: Iterabl
         if os.geteuid() != 0:
             pytest.skip("the snapshotter cases mount filesystems: run as root")
         factory = request.getfixturevalue(open_snapshotter) if isinstance(open_snapshotter, str) else open_snapshotter
-        trio.run(partial(run_snapshotter_case, case, factory, tmp_path, can_rename_lower_dirs=can_rename_lower_dirs))
+        notes = trio.run(partial(run_snapshotter_case, case, factory, tmp_path,
+                                 can_rename_lower_dirs=can_rename_lower_dirs))
+        for note in notes:
+            print(f"{case}: {note}")
+            request.node.user_properties.append(("conformance-note", note))
 
     test_snapshotter.__doc__ = "containerd's snapshotter testsuite case ``case`` (berth.conformance.snapshotter)."
     return test_snapshotter
