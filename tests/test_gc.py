@@ -549,6 +549,15 @@ async def build_and_collect(spec: GraphSpec, root: Path) -> None:
 @hypothesis.settings(max_examples=40, deadline=None,
                      suppress_health_check=[hypothesis.HealthCheck.too_slow])
 @hypothesis.given(graphs())
+@hypothesis.example(GraphSpec(  # a flat lease on a rooted blob must not stop its references
+    blobs=2, records={"ns1": frozenset({0, 1})}, roots=frozenset({("ns1", 0)}),
+    refs={("ns1", 0): frozenset({1}), ("ns1", 1): frozenset()},
+    leases=[LeaseSpec(namespace="ns1", expired=False, flat=True, holds=frozenset({0}))]))
+@hypothesis.example(GraphSpec(  # an expired lease holds nothing, a live flat one only its object
+    blobs=3, records={"ns1": frozenset({0, 1, 2}), "ns2": frozenset({1})}, roots=frozenset(),
+    refs={("ns1", 0): frozenset({1}), ("ns1", 1): frozenset({2}), ("ns1", 2): frozenset(), ("ns2", 1): frozenset()},
+    leases=[LeaseSpec(namespace="ns1", expired=True, flat=False, holds=frozenset({0})),
+            LeaseSpec(namespace="ns1", expired=False, flat=True, holds=frozenset({1}))]))
 def test_gc_deletes_exactly_the_unreachable(spec: GraphSpec) -> None:
     with tempfile.TemporaryDirectory(prefix="berth-gc-") as tmp:
         trio.run(build_and_collect, spec, Path(tmp))
@@ -621,8 +630,21 @@ async def put(content: NamespacedContentStore, data: bytes, labels: Mapping[str,
     return digest
 
 
+ROOTED = (b"rooted blob a", b"rooted blob b")
+
+
+async def put_rooted(metadata: Metadata) -> None:
+    """Blobs written before the scheduler starts, so that no ingest (which has an expiry the
+    scheduler wakes up for) is open while the virtual clock runs."""
+    with with_namespace("ns"):
+        for data in ROOTED:
+            await put(metadata.content, data, {LABEL_GC_ROOT: "1"})
+
+
 # These use trio's autojump clock: virtual time jumps whenever every task waits, so the delays
-# below cost no real time. Each waits for collections by event; the test timeout bounds them.
+# below cost no real time. The clock also jumps while a worker thread runs (trio cannot see it),
+# so these tests keep nothing with a deadline open while they write, wait for collections by
+# event rather than by time, and are bounded by the test timeout rather than by trio.fail_after.
 
 
 @pytest.mark.timeout(60)
@@ -646,10 +668,10 @@ async def test_scheduler_first_collection_after_startup_delay(sched_factory, aut
 @pytest.mark.timeout(60)
 async def test_scheduler_deletion_waits_for_pause_budget(sched_factory, autojump_clock) -> None:  # type: ignore[no-untyped-def]
     # Any pause (>= 1 us) at pause_threshold 1e-9 forbids another collection for >= 1000 s.
-    metadata, gc, _ = await sched_factory(Config(startup_delay=Duration(0), pause_threshold=1e-9))
+    metadata, gc, _ = await sched_factory(Config(startup_delay=Duration(0), pause_threshold=1e-9), put_rooted)
     first = await gc.wait_for(1)
+    digest = sha(ROOTED[0])
     with with_namespace("ns"):
-        digest = await put(metadata.content, b"to delete", {LABEL_GC_ROOT: "1"})
         await metadata.content.delete(digest)
     finished = await gc.wait_for(2)
     assert finished >= first + 1000
@@ -676,11 +698,13 @@ async def test_scheduler_mutation_threshold(sched_factory, autojump_clock) -> No
 
 @pytest.mark.timeout(60)
 async def test_scheduler_collect_now_returns_the_result(sched_factory, autojump_clock) -> None:  # type: ignore[no-untyped-def]
-    metadata, gc, scheduler = await sched_factory(Config(startup_delay=Duration(0)))
-    await gc.wait_for(1)
-    with with_namespace("ns"):
-        digest = await put(metadata.content, b"collect me now")
-    result = await scheduler.collect_now()
+    async def before(metadata: Metadata) -> None:
+        with with_namespace("ns"):
+            await put(metadata.content, b"collect me now")
+
+    metadata, _, scheduler = await sched_factory(Config(startup_delay=Duration(3600)), before)
+    digest = sha(b"collect me now")
+    result = await scheduler.collect_now()  # does not wait out the startup delay
     assert ("content", "ns", digest) in result.removed
     assert result.blobs_removed == 1
     assert scheduler.last is result
@@ -693,7 +717,7 @@ async def test_scheduler_collect_now_returns_the_result(sched_factory, autojump_
             leased = await put(metadata.content, b"leased")
         await leases.delete("l1", sync=True)
     assert not metadata.content.backend.blob_path(leased).exists()
-    assert scheduler.collections == 3
+    assert scheduler.collections == 2
 
 
 @pytest.mark.timeout(60)
@@ -710,3 +734,87 @@ async def test_scheduler_concurrent_collect_now_callers(sched_factory, autojump_
             nursery.start_soon(call)
     assert len(results) == 5
     assert 2 <= scheduler.collections <= 6
+
+
+@pytest.mark.timeout(60)
+async def test_scheduler_deletion_schedules_after_delay(sched_factory, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    metadata, gc, scheduler = await sched_factory(
+        Config(startup_delay=Duration(0), schedule_delay=Duration(20)), put_rooted)
+    await gc.wait_for(1)
+    digest = sha(ROOTED[0])
+    with with_namespace("ns"):
+        await metadata.namespaces.update("ns", {"a": "b"})
+    await trio.sleep(100)
+    assert scheduler.collections == 1  # writes alone (under mutation_threshold) do not schedule one
+    with with_namespace("ns"):
+        deleted_at = trio.current_time()
+        await metadata.content.delete(digest)
+    finished = await gc.wait_for(2)
+    assert finished >= deleted_at + 20
+    assert not metadata.content.backend.blob_path(digest).exists()
+    await trio.sleep(3600)
+    assert scheduler.collections == 2
+
+
+@pytest.mark.timeout(60)
+async def test_scheduler_lease_deletion_schedules_a_collection(sched_factory, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    metadata, gc, scheduler = await sched_factory(Config(startup_delay=Duration(0), schedule_delay=Duration(5)))
+    await gc.wait_for(1)
+    leases = LeaseManager(metadata.db, collect=scheduler.collect_now, on_delete=metadata.notify_deletion)
+    with with_namespace("ns"):
+        await leases.create("l1")
+        with with_lease("l1"):
+            digest = await put(metadata.content, b"held by l1")
+        await trio.sleep(100)
+        assert scheduler.collections == 1
+        deleted_at = trio.current_time()
+        await leases.delete("l1")  # not sync
+    finished = await gc.wait_for(2)
+    assert finished >= deleted_at + 5
+    assert not metadata.content.backend.blob_path(digest).exists()
+
+
+@pytest.mark.timeout(60)
+async def test_scheduler_deletion_threshold_triggers_at_once(sched_factory, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    # Same budget as test_scheduler_deletion_waits_for_pause_budget, where one deletion waits >= 1000 s.
+    metadata, gc, _ = await sched_factory(
+        Config(startup_delay=Duration(0), pause_threshold=1e-9, deletion_threshold=1), put_rooted)
+    first = await gc.wait_for(1)
+    digest = sha(ROOTED[0])
+    with with_namespace("ns"):
+        await metadata.content.delete(digest)
+    finished = await gc.wait_for(2)
+    assert finished < first + 1000  # the threshold ignores the budget
+    assert not metadata.content.backend.blob_path(digest).exists()
+    assert metadata.content.backend.blob_path(sha(ROOTED[1])).exists()
+
+
+@pytest.mark.timeout(60)
+async def test_scheduler_collect_now_during_startup_delay(sched_factory, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    _, _, scheduler = await sched_factory(Config(startup_delay=Duration(3600)))
+    started = trio.current_time()
+    result = await scheduler.collect_now()
+    assert result.removed == []
+    assert trio.current_time() < started + 3600
+
+
+async def test_scheduler_collects_an_expiring_lease_while_idle(sched_factory) -> None:  # type: ignore[no-untyped-def]
+    """Real time: a lease made after the last collection, expiring in ~1 s, is collected with no
+    further activity."""
+    metadata, gc, scheduler = await sched_factory(Config(startup_delay=Duration(0)))
+    with trio.fail_after(WAIT):
+        await gc.wait_for(1)
+    leases = LeaseManager(metadata.db, collect=scheduler.collect_now, on_delete=metadata.notify_deletion)
+    with with_namespace("ns"):
+        lease = await leases.create("short", expires_in=1.0)
+        with with_lease("short"):
+            digest = await put(metadata.content, b"held briefly")
+    path = metadata.content.backend.blob_path(digest)
+    assert path.exists()
+    assert lease.expires_at is not None
+    with trio.fail_after(WAIT):
+        while path.exists():
+            await gc.wait_for(len(gc.times) + 1)
+    assert time.time() >= lease.expires_at
+    with with_namespace("ns"):
+        assert await leases.list_all() == []

@@ -76,20 +76,32 @@ class Scheduler:
         self._waiters: list[trio.Event] = []
         self._next_allowed = -math.inf
         self._next_expiry: float | None = None
+        #: Mutations happened since the next expiry was read (a new lease may expire sooner).
+        self._expiry_stale = False
+        #: When (trio time) the first trigger since the last collection came; ``schedule_delay``
+        #: counts from it (re-counting from "now" at every wake-up would postpone forever).
+        self._triggered_at: float | None = None
         self._collecting = False
         metadata.db.on_mutation(self._on_mutation)
         metadata.deletion_listeners.append(self._on_deletion)
+
+    def _trigger(self) -> None:
+        if self._triggered_at is None:
+            self._triggered_at = trio.current_time()
+        self._wakeup.set()
 
     def _on_mutation(self) -> None:
         if self._collecting:
             return
         self._mutations += 1
+        self._expiry_stale = True
+        self._wakeup.set()
         if self.config.mutation_threshold and self._mutations >= self.config.mutation_threshold:
-            self._wakeup.set()
+            self._trigger()
 
     def _on_deletion(self) -> None:
         self._deletions += 1
-        self._wakeup.set()
+        self._trigger()
 
     async def collect_now(self) -> GCResult:
         """Run a collection as soon as the current one (if any) ends, and return its result."""
@@ -102,29 +114,36 @@ class Scheduler:
 
     async def _collect(self) -> None:
         waiters, self._waiters = self._waiters, []
+        # Reset before collecting: a deletion made while this collection runs schedules another.
+        self._mutations = self._deletions = 0
+        self._triggered_at = None
         self._collecting = True
         try:
             self.last = await self.metadata.gc.collect()
         finally:
             self._collecting = False
         self.collections += 1
-        self._mutations = self._deletions = 0
         self._next_allowed = trio.current_time() + self.last.pause / self.config.pause_threshold
+        await self._read_next_expiry()
+        for waiter in waiters:
+            waiter.set()
+
+    async def _read_next_expiry(self) -> None:
+        self._expiry_stale = False
         now = time.time()
         expiry = await self.metadata.db.read(lambda conn: _next_expiry(conn, now))
         self._next_expiry = None if expiry is None else trio.current_time() + (expiry - time.time())
-        for waiter in waiters:
-            waiter.set()
 
     def _due(self) -> float | None:
         """When the next collection should run (trio time), or ``None`` for "not until woken"."""
         if self._waiters:
             return trio.current_time()
         config = self.config
+        triggered = trio.current_time() if self._triggered_at is None else self._triggered_at
         if config.deletion_threshold and self._deletions >= config.deletion_threshold:
-            return trio.current_time() + config.schedule_delay
+            return triggered + config.schedule_delay
         if self._deletions or (config.mutation_threshold and self._mutations >= config.mutation_threshold):
-            return max(trio.current_time() + config.schedule_delay, self._next_allowed)
+            return max(triggered + config.schedule_delay, self._next_allowed)
         return self._next_expiry
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -141,6 +160,8 @@ class Scheduler:
                 with trio.move_on_at(math.inf if due is None else due):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                if self._expiry_stale:  # a write may have made something that expires sooner
+                    await self._read_next_expiry()
                 due = self._due()
                 if due is None or due > trio.current_time():
                     continue
