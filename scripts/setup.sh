@@ -5,8 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages berth's code and tests use.
-APT_PACKAGES=(iproute2 procps btrfs-progs libbtrfsutil-dev)
+# Debian packages berth's code and tests use: the peers the tests drive for real (runc, a registry,
+# skopeo, containerd and podman as drivers of berth-runtime), busybox for test images, htpasswd for the
+# registry's basic auth, libseccomp for seccomp filters, nftables for published ports.
+APT_PACKAGES=(iproute2 procps btrfs-progs libbtrfsutil-dev runc busybox-static docker-registry skopeo
+              containerd podman umoci libseccomp2 nftables apache2-utils uidmap)
 
 missing=()
 for package in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,1 @@
+"""Images: the registry client, pull, push, import/export and the image service."""
