@@ -189,6 +189,10 @@ def _warm_up() -> None:
     cli._parser().parse_args(["version"])
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _same_socket(path: str, identity: tuple[int, int]) -> bool:
     try:
         info = os.stat(path)
@@ -215,6 +219,7 @@ def serve(path: str, *, idle: float = 600.0) -> None:
         handle.write(f"{os.getpid()}\n")
     os.rename(f"{pid_file}.{os.getpid()}", pid_file)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # clean up the socket and PID file on the way out
     try:
         while True:
             ready, _, _ = select.select([listener], [], [], idle)

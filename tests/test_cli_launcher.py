@@ -208,3 +208,13 @@ def test_idle_server_exits(servers: Servers) -> None:
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert not servers.socket.exists()
+
+
+def test_sigterm_removes_the_socket_and_pid_file(servers: Servers) -> None:
+    pid = servers.start()
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (servers.socket.exists() or servers.pid() is not None):
+        time.sleep(0.05)
+    assert not servers.socket.exists()
+    assert servers.pid() is None
