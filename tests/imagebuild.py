@@ -13,6 +13,7 @@ directories) turned into tar, then compressed (``"gzip"``, ``"zstd"`` or ``""``)
     write_oci_layout(tmp / "layout", {"v1": image, "multi": index})
     write_oci_archive(tmp / "image.tar", {"v1": image})      # an ``oci-archive:`` tarball
     skopeo_copy(tmp / "layout", "v1", registry.ref("busybox", "v1"))   # push with skopeo (v2s2 optional)
+    skopeo_push(index, registry.ref("multi", "v1"), tmp)     # any media types, through a dir: layout
     await push_image(resolver.pusher(ref), image, tag="v1")  # push with berth's own client
 
 ``docker=True`` builds Docker schema 2 media types (manifest list, manifest, config, ``tar.gzip``/``tar``
@@ -423,29 +424,73 @@ def write_oci_archive(path: Path, images: Mapping[str, Image | ImageIndex]) -> P
     return path
 
 
+def _skopeo(arguments: Sequence[str]) -> str:
+    command = ["skopeo", "--insecure-policy", *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise subprocess.CalledProcessError(result.returncode, command, result.stdout,
+                                            f"{result.stderr}\n(command: {' '.join(command)})")
+    return result.stdout
+
+
 def skopeo_copy(layout: Path, tag: str, destination: str, *, docker_format: bool = False,
                 creds: Sequence[str] = (), extra: Sequence[str] = ()) -> None:
     """``skopeo copy`` the layout's ``tag`` to ``docker://<destination>`` over plain HTTP (``--all`` for
     indexes; ``docker_format`` converts to Docker v2s2 media types, which changes digests; otherwise
     digests are preserved). ``creds`` are skopeo options such as ``RegistryServer.skopeo_creds()``.
 
-    Raises subprocess.CalledProcessError with skopeo's output on failure."""
-    command = ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false", "--all", *creds]
-    command += ["--format", "v2s2"] if docker_format else ["--preserve-digests"]
-    command += [*extra, f"oci:{layout}:{tag}", f"docker://{destination}"]
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    Raises:
+        subprocess.CalledProcessError: with skopeo's output (``str(err)`` does not show it: see ``.stderr``).
+    """
+    arguments = ["copy", "--quiet", "--dest-tls-verify=false", "--all", *creds]
+    arguments += ["--format", "v2s2"] if docker_format else ["--preserve-digests"]
+    _skopeo([*arguments, *extra, f"oci:{layout}:{tag}", f"docker://{destination}"])
+
+
+def write_dir_layout(directory_path: Path, image: Image | ImageIndex) -> Path:
+    """Write ``image`` in skopeo's ``dir:`` format (``manifest.json``, blobs by hex digest, an index's
+    manifests as ``<hex>.manifest.json``). Unlike an OCI layout, it holds Docker media types too.
+    An existing directory is replaced. Returns the directory."""
+    if directory_path.exists():
+        shutil.rmtree(directory_path)
+    directory_path.mkdir(parents=True)
+    (directory_path / "version").write_text("Directory Transport Version: 1.1\n")
+    for digest, blob in image.blobs().items():
+        (directory_path / digest.partition(":")[2]).write_bytes(blob.data)
+    if isinstance(image, ImageIndex):
+        (directory_path / "manifest.json").write_bytes(image.index.data)
+        for item in image.images:
+            (directory_path / f"{item.manifest.digest.partition(':')[2]}.manifest.json").write_bytes(item.manifest.data)
+    else:
+        (directory_path / "manifest.json").write_bytes(image.manifest.data)
+    return directory_path
+
+
+def skopeo_push(image: Image | ImageIndex, destination: str, workdir: Path, *, creds: Sequence[str] = ()) -> None:
+    """Push ``image`` (any media types, an index with all its images) to ``docker://<destination>`` with
+    skopeo, digests preserved, through a ``dir:`` layout written under ``workdir``.
+
+    Raises:
+        subprocess.CalledProcessError: see :func:`skopeo_copy`.
+    """
+    layout = write_dir_layout(workdir / f"dir-{image.descriptor.digest.partition(':')[2][:16]}", image)
+    _skopeo(["copy", "--quiet", "--dest-tls-verify=false", "--all", "--preserve-digests", *creds,
+             f"dir:{layout}", f"docker://{destination}"])
 
 
 def skopeo_inspect(reference: str, *, raw: bool = False, config: bool = False,
                    creds: Sequence[str] = ()) -> Any:
     """``skopeo inspect --tls-verify=false docker://<reference>``: the parsed JSON (``raw``: the manifest
     exactly as stored, as bytes; ``config``: the image config)."""
-    command = ["skopeo", "--insecure-policy", "inspect", "--tls-verify=false", *creds]
+    arguments = ["inspect", "--tls-verify=false", *creds]
     if raw:
-        command.append("--raw")
+        arguments.append("--raw")
     if config:
-        command.append("--config")
-    result = subprocess.run([*command, f"docker://{reference}"], check=True, capture_output=True, timeout=60)
+        arguments.append("--config")
+    command = ["skopeo", "--insecure-policy", *arguments, f"docker://{reference}"]
+    result = subprocess.run(command, capture_output=True, timeout=60)
+    if result.returncode != 0:
+        raise subprocess.CalledProcessError(result.returncode, command, result.stdout, result.stderr)
     return result.stdout if raw else json.loads(result.stdout)
 
 
@@ -500,8 +545,10 @@ __all__ = [
     "push_image",
     "skopeo_copy",
     "skopeo_inspect",
+    "skopeo_push",
     "symlink",
     "whiteout",
+    "write_dir_layout",
     "write_oci_archive",
     "write_oci_layout",
 ]

@@ -359,7 +359,8 @@ class FaultyProxy:
     connection without an answer for the next N requests; ``cut_blobs`` cut the next N blob bodies (GET
     ``/blobs/``) after ``cut_after`` bytes (the headers promise the full length, then the connection
     closes); ``corrupt_blobs`` flip one byte in every blob body; ``ignore_range`` serve blobs whole,
-    ignoring ``Range``. ``requests`` logs ``(method, path, range)`` of everything received.
+    ignoring ``Range``; ``drop_headers`` leave these (lower-case) response headers out (e.g.
+    ``docker-content-digest``). ``requests`` logs ``(method, path, range)`` of everything received.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -371,6 +372,7 @@ class FaultyProxy:
         self.cut_after = 0
         self.corrupt_blobs = False
         self.ignore_range = False
+        self.drop_headers: set[str] = set()
         self.requests: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -437,7 +439,7 @@ class FaultyProxy:
                 cut = is_blob and status in (200, 206) and len(payload) > proxy.cut_after and proxy._take("cut_blobs")
                 self.send_response(status)
                 for key, value in response_headers:
-                    if key.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    if key.lower() not in ("connection", "transfer-encoding", "content-length", *proxy.drop_headers):
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -30,7 +30,7 @@ from berth.core.errdefs import Unauthenticated, Unavailable
 from berth.plugins.images.hosts import Credentials
 from berth.plugins.images.reference import host_is_loopback
 
-__all__ = ["Authorizer", "Challenge", "parse_challenges"]
+__all__ = ["Authorizer", "Challenge", "merge_scopes", "parse_challenges"]
 
 log = structlog.get_logger("berth.images.auth")
 
@@ -50,6 +50,21 @@ class Challenge:
 
     scheme: str
     params: Mapping[str, str]
+
+
+def merge_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    """Scopes with the actions of one resource merged and sorted: ``repository:a:pull`` and
+    ``repository:a:push`` give ``repository:a:pull,push``. Malformed scopes are kept as they are."""
+    actions: dict[str, set[str]] = {}
+    other: set[str] = set()
+    for scope in scopes:
+        resource, sep, names = scope.rpartition(":")
+        if not sep or ":" not in resource:
+            other.add(scope)
+            continue
+        actions.setdefault(resource, set()).update(a for a in names.split(",") if a)
+    merged = {f"{resource}:{','.join(sorted(names))}" for resource, names in actions.items()}
+    return tuple(sorted(merged | other))
 
 
 def parse_challenges(header: str) -> list[Challenge]:
@@ -110,9 +125,11 @@ class Authorizer:
             return self._basic()
         return f"Bearer {await self._token(challenge, scopes)}"
 
-    async def on_unauthorized(self, response: httpx.Response, scopes: Sequence[str], *, sent: str | None) -> bool:
-        """Learn from a 401: whether retrying the request with new authorization may succeed (callers retry
-        a request at most once).
+    async def on_unauthorized(self, response: httpx.Response, scopes: Sequence[str], *,
+                              sent: str | None) -> list[str] | None:
+        """Learn from a 401. Returns the scopes to retry the request with (``scopes`` plus any the
+        challenge names, e.g. the source repository of a mount), or ``None`` when retrying cannot help.
+        Callers retry a request at most once.
 
         ``sent`` is the ``Authorization`` value the refused request carried: a Basic challenge after Basic
         credentials were sent is final; a refused bearer token is dropped from the cache.
@@ -120,18 +137,21 @@ class Authorizer:
         usable = [c for c in parse_challenges(response.headers.get("www-authenticate", ""))
                   if (c.scheme == "bearer" and c.params.get("realm")) or c.scheme == "basic"]
         if not usable:
-            return False
+            return None
         challenge = usable[0]
         if challenge.scheme == "basic":
             if self.credentials is None or not self.credentials.username or (sent or "").startswith("Basic "):
-                return False
+                return None
             self._challenge = challenge
-            return True
-        self._challenge = challenge
+            return list(scopes)
+        # Remember where tokens come from; the scope is this request's own.
+        self._challenge = Challenge("bearer", {k: v for k, v in challenge.params.items() if k == "realm"
+                                               or k == "service"})
+        wanted = list(merge_scopes([*scopes, *challenge.params.get("scope", "").split()]))
         if sent is not None and sent.startswith("Bearer "):
-            # The token was refused (expired, or short of a scope the challenge now names): forget it.
-            self._tokens.pop(self._scope_key(challenge, scopes), None)
-        return True
+            # The token was refused (expired, or short of a scope): forget it.
+            self._tokens.pop(tuple(wanted), None)
+        return wanted
 
     def _basic(self) -> str | None:
         if self.credentials is None or not self.credentials.username:
@@ -139,16 +159,10 @@ class Authorizer:
         raw = f"{self.credentials.username}:{self.credentials.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
 
-    @staticmethod
-    def _scope_key(challenge: Challenge, scopes: Sequence[str]) -> tuple[str, ...]:
-        wanted = set(scopes)
-        wanted.update(scope for scope in challenge.params.get("scope", "").split() if scope)
-        return tuple(sorted(wanted))
-
     async def _token(self, challenge: Challenge, scopes: Sequence[str]) -> str:
         if self.credentials is not None and self.credentials.registry_token:
             return self.credentials.registry_token
-        key = self._scope_key(challenge, scopes)
+        key = merge_scopes(scopes)
         lock = self._locks.setdefault(key, trio.Lock())
         async with lock:
             cached = self._tokens.get(key)

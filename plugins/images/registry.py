@@ -387,10 +387,10 @@ class Resolver:
                 await trio.sleep(delay)
                 continue
             if response.status_code == 401 and not auth_retried and replayable:
-                retry_auth = await endpoint.authorizer.on_unauthorized(response, scopes, sent=authorization)
-                if retry_auth:
+                retry_scopes = await endpoint.authorizer.on_unauthorized(response, scopes, sent=authorization)
+                if retry_scopes is not None:
                     await response.aclose()
-                    auth_retried = True
+                    auth_retried, scopes = True, retry_scopes
                     continue
             if response.status_code in _RETRY_STATUS and replayable and retries + 1 < self.retry.attempts:
                 retries += 1
