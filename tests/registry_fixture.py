@@ -62,6 +62,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTP server that drops its clients' connection errors silently (faults are the point)."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -113,11 +122,11 @@ class TokenServer:
             .sign(self._key, hashes.SHA256()))
         self.cert_path = directory / "token-root.pem"
         self.cert_path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler())
         self.port = int(self._server.server_address[1])
         self.realm = f"http://127.0.0.1:{self.port}/token"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="token-server", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="token-server",
+                                        daemon=True)
         self._thread.start()
 
     @staticmethod
@@ -355,7 +364,8 @@ class FaultyProxy:
     """An HTTP/1.1 proxy in a thread, in front of ``upstream`` (``host:port``), that misbehaves on request.
 
     Set the fault attributes (thread-safe enough: plain assignments read per request):
-    ``fail_next`` answer the next N requests with ``fail_status`` (503); ``reset_next`` close the
+    ``fail_next`` answer the next N requests with ``fail_status`` (503), only those whose method is in
+    ``fail_methods`` when it is not empty; ``reset_next`` close the
     connection without an answer for the next N requests; ``cut_blobs`` cut the next N blob bodies (GET
     ``/blobs/``) after ``cut_after`` bytes (the headers promise the full length, then the connection
     closes); ``corrupt_blobs`` flip one byte in every blob body; ``ignore_range`` serve blobs whole,
@@ -367,6 +377,7 @@ class FaultyProxy:
         self.upstream = upstream
         self.fail_next = 0
         self.fail_status = 503
+        self.fail_methods: set[str] = set()
         self.reset_next = 0
         self.cut_blobs = 0
         self.cut_after = 0
@@ -375,10 +386,10 @@ class FaultyProxy:
         self.drop_headers: set[str] = set()
         self.requests: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler())
         self.host = f"127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="faulty-proxy", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="faulty-proxy",
+                                        daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -413,7 +424,7 @@ class FaultyProxy:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                if proxy._take("fail_next"):
+                if (not proxy.fail_methods or self.command in proxy.fail_methods) and proxy._take("fail_next"):
                     payload = b'{"errors":[{"code":"UNAVAILABLE","message":"injected failure"}]}'
                     self.send_response(proxy.fail_status)
                     self.send_header("Content-Type", "application/json")
@@ -439,9 +450,12 @@ class FaultyProxy:
                 cut = is_blob and status in (200, 206) and len(payload) > proxy.cut_after and proxy._take("cut_blobs")
                 self.send_response(status)
                 for key, value in response_headers:
-                    if key.lower() not in ("connection", "transfer-encoding", "content-length", *proxy.drop_headers):
+                    if key.lower() in ("connection", "transfer-encoding", *proxy.drop_headers):
+                        continue
+                    if key.lower() != "content-length" or self.command == "HEAD":
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 if self.command == "HEAD":
                     return

@@ -287,7 +287,9 @@ def load_docker_config(path: Path) -> dict[str, Credentials]:
         raise InvalidArgument(f"{path}: not valid JSON: {err}") from None
     if not isinstance(document, dict):
         raise InvalidArgument(f"{path}: a Docker config must be a JSON object")
-    auths = document.get("auths") or {}
+    auths = document.get("auths", {})
+    if auths is None:
+        auths = {}
     if not isinstance(auths, dict):
         raise InvalidArgument(f"{path}: 'auths' must be an object")
     credentials: dict[str, Credentials] = {}
