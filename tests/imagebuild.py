@@ -275,7 +275,8 @@ def make_index(images: Sequence[Image], *, docker: bool = False) -> ImageIndex:
 def apply_layers(layers: Iterable[Iterable[Entry]]) -> dict[str, Entry]:
     """The overlay model: each layer over the lower ones. A layer's whiteouts apply to the lower layers
     only (a whiteout removes a path and what is under it; an opaque directory hides the lower content
-    below it), then its other entries are added (a non-directory replaces whatever was at its path)."""
+    below it), then its other entries are added (a non-directory replaces whatever was at its path). A
+    hardlink's entry in the result carries the data and mode of its target at the time it was linked."""
     tree: dict[str, Entry] = {}
     for entries in layers:
         entries = list(entries)
@@ -294,6 +295,11 @@ def apply_layers(layers: Iterable[Iterable[Entry]]) -> dict[str, Entry]:
             if entry.kind != "dir":
                 for existing in [p for p in tree if p.startswith(path + "/")]:
                     del tree[existing]
+            if entry.kind == "hardlink":
+                # A hardlink keeps the bytes its target had: replacing the target later breaks the link.
+                linked = tree.get(entry.target.rstrip("/"))
+                entry = Entry(path, "hardlink", linked.data if linked else b"", linked.mode if linked else 0o644,
+                              entry.target, entry.uid, entry.gid)
             tree[path] = entry
     return tree
 
