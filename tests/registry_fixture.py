@@ -368,7 +368,8 @@ class FaultyProxy:
     ``fail_methods`` when it is not empty; ``reset_next`` close the
     connection without an answer for the next N requests; ``cut_blobs`` cut the next N blob bodies (GET
     ``/blobs/``) after ``cut_after`` bytes (the headers promise the full length, then the connection
-    closes); ``corrupt_blobs`` flip one byte in every blob body; ``ignore_range`` serve blobs whole,
+    closes); ``corrupt_blobs`` / ``corrupt_manifests`` flip one byte in every blob / manifest body (GET);
+    ``override_headers`` replace response headers (``{"content-type": ...}``); ``ignore_range`` serve blobs whole,
     ignoring ``Range``; ``drop_headers`` leave these (lower-case) response headers out (e.g.
     ``docker-content-digest``). ``requests`` logs ``(method, path, range)`` of everything received.
     """
@@ -382,6 +383,8 @@ class FaultyProxy:
         self.cut_blobs = 0
         self.cut_after = 0
         self.corrupt_blobs = False
+        self.corrupt_manifests = False
+        self.override_headers: dict[str, str] = {}
         self.ignore_range = False
         self.drop_headers: set[str] = set()
         self.requests: list[tuple[str, str, str]] = []
@@ -445,15 +448,19 @@ class FaultyProxy:
                     status = response.status
                 finally:
                     upstream.close()
-                if is_blob and status in (200, 206) and payload and proxy.corrupt_blobs:
-                    payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
+                is_manifest = self.command == "GET" and "/manifests/" in self.path
+                if status in (200, 206) and payload and (
+                        (is_blob and proxy.corrupt_blobs) or (is_manifest and proxy.corrupt_manifests)):
+                    payload = payload[:-1] + bytes([payload[-1] ^ 0xFF])
                 cut = is_blob and status in (200, 206) and len(payload) > proxy.cut_after and proxy._take("cut_blobs")
                 self.send_response(status)
                 for key, value in response_headers:
-                    if key.lower() in ("connection", "transfer-encoding", *proxy.drop_headers):
+                    if key.lower() in ("connection", "transfer-encoding", *proxy.drop_headers, *proxy.override_headers):
                         continue
                     if key.lower() != "content-length" or self.command == "HEAD":
                         self.send_header(key, value)
+                for key, value in proxy.override_headers.items():
+                    self.send_header(key, value)
                 if self.command != "HEAD":
                     self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()

@@ -28,6 +28,7 @@ from berth.core.errdefs import (
     OutOfRange,
     ResourceExhausted,
     Unavailable,
+    Unimplemented,
 )
 from berth.core.oci import (
     DOCKER_CONFIG,
@@ -244,3 +245,38 @@ async def test_closed_resolver_refuses_work(pushed: Pushed) -> None:
     await r.aclose()
     with pytest.raises(Unavailable, match="closed"):
         await r.resolve(pushed.ref("busybox"))
+
+
+async def test_schema1_manifests_are_refused(pushed: Pushed, faulty_proxy_factory: FaultyProxyFactory) -> None:
+    proxy = faulty_proxy_factory.start(pushed.registry.host)
+    proxy.override_headers = {"content-type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}
+    async with resolver() as r:
+        with pytest.raises(Unimplemented, match="schema 1"):
+            await r.resolve(f"{proxy.host}/busybox:v1")
+
+
+async def test_generic_content_type_reads_the_media_type_from_the_body(
+        pushed: Pushed, faulty_proxy_factory: FaultyProxyFactory) -> None:
+    proxy = faulty_proxy_factory.start(pushed.registry.host)
+    proxy.override_headers = {"content-type": "application/json"}
+    async with resolver() as r:
+        for repository in ("busybox", "multi", "multi-docker"):
+            _, desc = await r.resolve(f"{proxy.host}/{repository}:v1")
+            assert desc == pushed.images[repository].descriptor
+
+
+async def test_manifest_bytes_are_checked_against_digests(pushed: Pushed,
+                                                          faulty_proxy_factory: FaultyProxyFactory) -> None:
+    """A registry serving manifest bytes that are not what their digest says: refused when resolving
+    through GET (against the header or the pinned digest) and when fetching by digest."""
+    proxy = faulty_proxy_factory.start(pushed.registry.host)
+    proxy.override_headers = {"content-type": "application/json"}
+    proxy.corrupt_manifests = True
+    image = pushed.images["busybox"]
+    async with resolver() as r:
+        with pytest.raises(FailedPrecondition, match="the registry named it"):
+            await r.resolve(f"{proxy.host}/busybox:v1")
+        with pytest.raises(FailedPrecondition, match="content digest mismatch"):
+            await r.resolve(f"{proxy.host}/busybox@{image.descriptor.digest}")
+        with pytest.raises(FailedPrecondition, match="content digest mismatch"):
+            await r.fetcher(f"{proxy.host}/busybox").fetch_bytes(image.descriptor)

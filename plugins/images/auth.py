@@ -94,7 +94,8 @@ def parse_challenges(header: str) -> list[Challenge]:
 class Authorizer:
     """Authorization for one registry endpoint (``host``), shared by every request to it.
 
-    ``client`` sends token requests (it may be another host's client: the realm is anywhere);
+    ``client`` sends token requests (the host's own client, so its TLS settings apply; the realm may be on
+    another host);
     ``plain_http_ok`` says the registry was configured as plain HTTP, so an ``http://`` realm is acceptable.
     """
 

@@ -97,6 +97,7 @@ MANIFEST_ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCK
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _MAX_ERROR_BODY = 64 << 10
 _USER_AGENT = "berth/0.1"
+_SCHEMA1_PREFIX = "application/vnd.docker.distribution.manifest.v1"
 _GENERIC_TYPES = frozenset({"", "application/json", "text/plain", "application/octet-stream"})
 
 
@@ -114,6 +115,14 @@ class RetryPolicy:
         if retry_after is not None and retry_after.strip().isdigit():
             return min(float(retry_after), self.max_delay)
         return min(self.base_delay * 2.0 ** (retry - 1), self.max_delay)
+
+
+def _is_digest(value: str) -> bool:
+    try:
+        validate_digest(value)
+    except InvalidArgument:
+        return False
+    return True
 
 
 def _as_reference(ref: Reference | str) -> Reference:
@@ -221,7 +230,6 @@ class Resolver:
         self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}
         self._authorizers: dict[str, Authorizer] = {}
         self._lock = trio.Lock()
-        self._token_client: httpx.AsyncClient | None = None
         self._closed = False
 
     async def __aenter__(self) -> Self:
@@ -235,11 +243,8 @@ class Resolver:
         """Close every HTTP client (idempotent). Requests still running fail."""
         self._closed = True
         clients = list(self._clients.values())
-        if self._token_client is not None:
-            clients.append(self._token_client)
         self._clients.clear()
         self._endpoints.clear()
-        self._token_client = None
         with trio.CancelScope(shield=True):
             for client in clients:
                 await client.aclose()
@@ -345,11 +350,9 @@ class Resolver:
             self._clients[client_key] = client
         authorizer = self._authorizers.get(host.host)
         if authorizer is None:
-            if self._token_client is None:
-                self._token_client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout), follow_redirects=True,
-                                                       headers={"User-Agent": _USER_AGENT})
+            # Token requests go through the host's own client, so its TLS settings apply to the realm too.
             credentials = self.hosts.credentials(host.host) or self.hosts.credentials(domain)
-            authorizer = Authorizer(host.host, credentials, self._token_client, plain_http_ok=host.scheme == "http")
+            authorizer = Authorizer(host.host, credentials, client, plain_http_ok=host.scheme == "http")
             self._authorizers[host.host] = authorizer
         return _Endpoint(host, client, authorizer)
 
@@ -423,14 +426,17 @@ class Resolver:
             await _raise_for(response, what)
         if response.status_code == 200:
             media_type = _media_type(response)
-            digest = response.headers.get("docker-content-digest", "") or ref.digest
-            length = response.headers.get("content-length", "")
-            if digest and length.isdigit() and media_type not in _GENERIC_TYPES:
+            if media_type.startswith(_SCHEMA1_PREFIX):
+                raise Unimplemented(f"{what}: Docker schema 1 manifests are not supported")
+            digest = str(response.headers.get("docker-content-digest", "")) or ref.digest
+            length = str(response.headers.get("content-length", ""))
+            if _is_digest(digest) and length.isdigit() and media_type not in _GENERIC_TYPES:
                 size = int(length)
                 self._check_size(size, what)
                 if ref.digest and digest != ref.digest:
                     raise FailedPrecondition(f"{what}: the registry resolved it to {digest}")
-                return Descriptor(media_type=media_type, digest=validate_digest(digest), size=size)
+                return Descriptor(media_type=media_type, digest=digest, size=size)
+        # No usable HEAD answer (405, no digest or length, a generic type): GET and hash the manifest.
         _, desc = await self._get_manifest(endpoint, ref)
         return desc
 
@@ -454,10 +460,8 @@ class Resolver:
             raise Unavailable(f"{what}: registry {endpoint.host.host}: {type(err).__name__}: {err}") from None
         finally:
             await response.aclose()
-        header_digest = response.headers.get("docker-content-digest", "")
-        expected = ref.digest or header_digest
-        algorithm_of = expected if expected and validate_digest(expected) else ""
-        hasher = new_hasher(algorithm_of)
+        header_digest = str(response.headers.get("docker-content-digest", ""))
+        hasher = new_hasher(ref.digest)
         hasher.update(data)
         digest = f"{hasher.name}:{hasher.hexdigest()}"
         if ref.digest and digest != ref.digest:
@@ -480,7 +484,7 @@ def _detect_media_type(header_type: str, data: bytes, what: str) -> str:
         Unimplemented: a schema 1 manifest; InvalidArgument: not a JSON manifest when the type must be read
             from the body.
     """
-    if header_type.startswith("application/vnd.docker.distribution.manifest.v1"):
+    if header_type.startswith(_SCHEMA1_PREFIX):
         raise Unimplemented(f"{what}: Docker schema 1 manifests are not supported")
     if header_type not in _GENERIC_TYPES:
         return header_type
