@@ -29,7 +29,7 @@ import tomli_w
 from berth.client.sync import Client
 from berth.core.errdefs import BerthError
 
-#: Fixtures of a docker-registry on 127.0.0.1 (registry, auth_registry, token_registry, ...).
+#: Fixtures of a docker-registry on 127.0.0.1 (registry, auth_registry, token_registry, tls_registry, ...).
 pytest_plugins = ["registry_fixture"]
 
 READY_TIMEOUT = 15.0

@@ -6,7 +6,9 @@ Fixtures (registered in ``tests/conftest.py``):
 - ``auth_registry``: the same with htpasswd Basic auth (``auth_registry.username``/``.password``);
 - ``token_registry``: the same with bearer-token auth, served by a :class:`TokenServer` in a thread
   (``token_registry.token_server.requests`` lists the token requests it answered);
-- ``registry_factory``: ``registry_factory.start(auth="none"|"htpasswd"|"token", users=...)`` for a fresh
+- ``tls_registry``: an anonymous registry serving HTTPS with a certificate from a test CA
+  (``tls_registry.ca_path``; point a ``hosts.toml`` ``ca`` at it);
+- ``registry_factory``: ``registry_factory.start(auth="none"|"htpasswd"|"token", users=..., tls=...)`` for a fresh
   registry of one's own (stopped at the end of the test);
 - ``faulty_proxy_factory``: ``faulty_proxy_factory.start(upstream_host)`` puts a :class:`FaultyProxy` in
   front of a registry (fail the next N requests with 5xx, reset connections, cut or corrupt blob bodies,
@@ -25,9 +27,11 @@ import contextlib
 import datetime
 import http.client
 import http.server
+import ipaddress
 import json
 import secrets
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -69,6 +73,44 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass
+
+
+def make_tls_files(directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> tuple[Path, Path, Path]:
+    """A test CA and a server certificate for ``hosts`` (IP addresses or DNS names) signed by it, written
+    as PEM files under ``directory``: ``(ca.pem, server.pem, server.key)``."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "berth test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+              .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName(names), critical=False)
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    paths = (directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    return paths
 
 
 def _b64url(data: bytes) -> str:
@@ -225,10 +267,12 @@ class RegistryServer:
     auth: str = "none"
     users: dict[str, str] = field(default_factory=dict)
     token_server: TokenServer | None = None
+    #: The CA of the registry's certificate when it serves HTTPS (``tls=True``), else ``None``.
+    ca_path: Path | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.ca_path else 'http'}://{self.host}"
 
     @property
     def username(self) -> str:
@@ -279,10 +323,12 @@ class RegistryServer:
 
 def start_registry(directory: Path, *, auth: str = "none", users: Mapping[str, str] | None = None,
                    refresh_tokens: Mapping[str, str] | None = None,
-                   policy: Callable[[str, str, str, list[str]], list[str]] | None = None) -> RegistryServer:
+                   policy: Callable[[str, str, str, list[str]], list[str]] | None = None,
+                   tls: bool = False) -> RegistryServer:
     """Start ``docker-registry serve`` on 127.0.0.1 at a free port with storage under ``directory``;
     return once ``/v2/`` answers. ``auth``: ``none``, ``htpasswd`` (Basic, ``users``) or ``token``
-    (a :class:`TokenServer` with ``users``, ``refresh_tokens`` and ``policy``)."""
+    (a :class:`TokenServer` with ``users``, ``refresh_tokens`` and ``policy``). ``tls``: serve HTTPS
+    with a certificate for 127.0.0.1 and localhost from a fresh test CA (``server.ca_path``)."""
     if auth not in ("none", "htpasswd", "token"):
         raise ValueError(f"auth must be none, htpasswd or token, not {auth!r}")
     users = dict(DEFAULT_USERS if users is None else users) if auth != "none" else {}
@@ -296,6 +342,10 @@ def start_registry(directory: Path, *, auth: str = "none", users: Mapping[str, s
         "http": {"addr": f"127.0.0.1:{port}", "secret": secrets.token_hex(16)},
     }
     token_server = None
+    ca_path = None
+    if tls:
+        ca_path, cert_path, key_path = make_tls_files(directory)
+        config["http"]["tls"] = {"certificate": str(cert_path), "key": str(key_path)}
     if auth == "htpasswd":
         lines = [subprocess.run(["htpasswd", "-Bbn", user, password], check=True, capture_output=True,
                                 text=True).stdout.strip() for user, password in users.items()]
@@ -311,7 +361,7 @@ def start_registry(directory: Path, *, auth: str = "none", users: Mapping[str, s
         process = subprocess.Popen([REGISTRY_BINARY, "serve", str(directory / "config.yml")],
                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
     server = RegistryServer(host=f"127.0.0.1:{port}", root=directory, process=process, auth=auth, users=users,
-                            token_server=token_server)
+                            token_server=token_server, ca_path=ca_path)
     try:
         _wait_ready(server)
     except BaseException:
@@ -322,11 +372,12 @@ def start_registry(directory: Path, *, auth: str = "none", users: Mapping[str, s
 
 def _wait_ready(server: RegistryServer) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
+    context = ssl.create_default_context(cafile=str(server.ca_path)) if server.ca_path else None
     while True:
         if server.process.poll() is not None:
             raise RuntimeError(f"docker-registry exited with {server.process.returncode}:\n{server.log_text()}")
         try:
-            with urllib.request.urlopen(f"{server.url}/v2/", timeout=2):
+            with urllib.request.urlopen(f"{server.url}/v2/", timeout=2, context=context):
                 return
         except urllib.error.HTTPError as err:
             if err.code == 401:
@@ -529,6 +580,11 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     yield from _module_registry(tmp_path_factory, auth="token", refresh_tokens={"refresh-alice": "alice"})
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    yield from _module_registry(tmp_path_factory, tls=True)
 
 
 @pytest.fixture

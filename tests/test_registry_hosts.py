@@ -11,7 +11,7 @@ import pytest
 from imagebuild import busybox_image, generated_image, push_image
 from registry_fixture import FaultyProxyFactory, RegistryFactory, RegistryServer
 
-from berth.core.errdefs import InvalidArgument, NotFound
+from berth.core.errdefs import InvalidArgument, NotFound, Unavailable
 from berth.plugins.images.hosts import CAPABILITIES, Credentials, RegistryHost, RegistryHosts, load_docker_config
 from berth.plugins.images.registry import Resolver, RetryPolicy
 
@@ -210,3 +210,28 @@ capabilities = ["pull"]
         await r.fetcher("registry.example.com/app").fetch_bytes(layer.descriptor())
     assert desc == image.descriptor
     assert [(method, "/manifests/" in path) for method, path, _ in pull_only.requests] == [("GET", False)]
+
+
+async def test_tls_registry_with_the_ca_from_hosts_toml(tls_registry: RegistryServer, tmp_path: Path) -> None:
+    """HTTPS to a registry whose certificate comes from a test CA: refused by default, accepted with the
+    CA named in hosts.toml (relative to the file) or with skip_verify; plain_http is not needed."""
+    assert tls_registry.ca_path is not None
+    image = generated_image(seed=55, layers=1)
+    ref = tls_registry.ref("tls/app", "v1")
+    async with Resolver(RegistryHosts(), retry=FAST) as r:
+        with pytest.raises(Unavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            await r.resolve(ref)
+    hosts_file = write_hosts(tmp_path / "with-ca", tls_registry.host, 'ca = "ca.pem"\n')
+    (hosts_file.parent / "ca.pem").write_bytes(tls_registry.ca_path.read_bytes())
+    async with Resolver(RegistryHosts(tmp_path / "with-ca"), retry=FAST) as r:
+        await push_image(r.pusher(ref), image, tag="v1")
+        _, desc = await r.resolve(ref)
+        assert desc == image.descriptor
+    write_hosts(tmp_path / "skip", tls_registry.host, "skip_verify = true\n")
+    async with Resolver(RegistryHosts(tmp_path / "skip"), retry=FAST) as r:
+        _, desc = await r.resolve(ref)
+        assert desc == image.descriptor
+    write_hosts(tmp_path / "bad-ca", tls_registry.host, 'ca = "missing.pem"\n')
+    async with Resolver(RegistryHosts(tmp_path / "bad-ca"), retry=FAST) as r:
+        with pytest.raises(InvalidArgument, match="cannot load TLS files"):
+            await r.resolve(ref)

@@ -117,6 +117,18 @@ class RetryPolicy:
         return min(self.base_delay * 2.0 ** (retry - 1), self.max_delay)
 
 
+def _describe(err: BaseException) -> str:
+    """``Type: message`` of a transport error, with the first underlying cause that says more (under trio
+    a TLS failure arrives as an empty ``ConnectError`` caused by the ``ssl`` error)."""
+    text = f"{type(err).__name__}: {err}".rstrip(": ")
+    cause, seen = err.__cause__ or err.__context__, 0
+    while cause is not None and seen < 5:
+        if str(cause):
+            return f"{text} ({type(cause).__name__}: {cause})"
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return text
+
+
 def _is_digest(value: str) -> bool:
     try:
         validate_digest(value)
@@ -381,11 +393,11 @@ class Resolver:
                 response = await endpoint.client.send(request, stream=True)
             except httpx.TransportError as err:
                 if not replayable or retries + 1 >= self.retry.attempts:
-                    raise Unavailable(f"{what}: registry {endpoint.host.host} unreachable: "
-                                      f"{type(err).__name__}: {err}") from None
+                    raise Unavailable(f"{what}: registry {endpoint.host.host} unreachable: {_describe(err)}") \
+                        from None
                 retries += 1
                 delay = self.retry.delay(retries)
-                log.info("registry_retry", host=endpoint.host.host, method=method, error=type(err).__name__,
+                log.info("registry_retry", host=endpoint.host.host, method=method, error=_describe(err),
                          retry=retries, delay=delay)
                 await trio.sleep(delay)
                 continue
@@ -409,8 +421,7 @@ class Resolver:
                 except httpx.TransportError as err:
                     await response.aclose()
                     if retries + 1 >= self.retry.attempts:
-                        raise Unavailable(f"{what}: registry {endpoint.host.host}: {type(err).__name__}: {err}") \
-                            from None
+                        raise Unavailable(f"{what}: registry {endpoint.host.host}: {_describe(err)}") from None
                     retries += 1
                     await trio.sleep(self.retry.delay(retries))
                     continue
@@ -457,7 +468,7 @@ class Resolver:
                 data += chunk
                 self._check_size(len(data), what)
         except httpx.TransportError as err:
-            raise Unavailable(f"{what}: registry {endpoint.host.host}: {type(err).__name__}: {err}") from None
+            raise Unavailable(f"{what}: registry {endpoint.host.host}: {_describe(err)}") from None
         finally:
             await response.aclose()
         header_digest = str(response.headers.get("docker-content-digest", ""))
@@ -588,7 +599,7 @@ class Fetcher:
                 resets += 1
                 if resets >= self.resolver.retry.attempts:
                     raise Unavailable(f"{self._what(desc)}: connection to {endpoint.host.host} failed at byte "
-                                      f"{position}: {type(err).__name__}: {err}") from None
+                                      f"{position}: {_describe(err)}") from None
                 delay = self.resolver.retry.delay(resets)
                 log.info("registry_fetch_resume", host=endpoint.host.host, blob=desc.digest, offset=position,
                          retry=resets, delay=delay)
