@@ -10,6 +10,9 @@ Fixtures (registered in ``tests/conftest.py``):
   (``tls_registry.ca_path``; point a ``hosts.toml`` ``ca`` at it);
 - ``registry_factory``: ``registry_factory.start(auth="none"|"htpasswd"|"token", users=..., tls=...)`` for a fresh
   registry of one's own (stopped at the end of the test);
+- ``registry_images``: :data:`STANDARD_IMAGES` (busybox, generated multi-layer images with gzip, zstd and
+  plain layers, Docker media types, multi-platform indexes), built by ``tests/imagebuild.py`` and pushed
+  with skopeo into ``registry`` under ``<name>:v1``; ``registry_images.ref(name)`` and ``.images[name]``;
 - ``faulty_proxy_factory``: ``faulty_proxy_factory.start(upstream_host)`` puts a :class:`FaultyProxy` in
   front of a registry (fail the next N requests with 5xx, reset connections, cut or corrupt blob bodies,
   ignore ``Range``).
@@ -48,6 +51,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+from imagebuild import (
+    Image,
+    ImageIndex,
+    busybox_image,
+    generated_image,
+    multi_platform_index,
+    skopeo_copy,
+    skopeo_push,
+    write_oci_layout,
+)
 
 from berth.plugins.images.hosts import Credentials, RegistryHosts
 
@@ -585,6 +598,50 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
 @pytest.fixture(scope="module")
 def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     yield from _module_registry(tmp_path_factory, tls=True)
+
+
+def standard_images() -> dict[str, Image | ImageIndex]:
+    """The images ``registry_images`` pushes, by repository name (reproducible: same digests every run)."""
+    return {
+        "busybox": busybox_image(),
+        "busybox-zstd": busybox_image("zstd"),
+        "generated": generated_image(seed=10, layers=4),
+        "zstd": generated_image(seed=11, layers=3, compression="zstd"),
+        "plain": generated_image(seed=12, layers=2, compression=""),
+        "docker": generated_image(seed=13, layers=2, docker=True),
+        "multi": multi_platform_index(seed=14),
+        "multi-docker": multi_platform_index(seed=15, docker=True),
+    }
+
+
+@dataclass
+class PushedImages:
+    """Images pushed into ``registry`` as ``<name>:v1``."""
+
+    registry: RegistryServer
+    images: dict[str, Image | ImageIndex]
+
+    def ref(self, name: str, tag: str = "v1") -> str:
+        return self.registry.ref(name, tag)
+
+
+def push_images(registry: RegistryServer, images: Mapping[str, Image | ImageIndex], workdir: Path) -> PushedImages:
+    """Push ``images`` into ``registry`` as ``<name>:v1`` with skopeo (OCI media types from an OCI layout,
+    Docker ones through skopeo's ``dir:`` format), digests preserved."""
+    oci = {name: image for name, image in images.items() if not image.descriptor.media_type.startswith(
+        "application/vnd.docker")}
+    layout = write_oci_layout(workdir / "oci", oci)
+    for name, image in images.items():
+        if name in oci:
+            skopeo_copy(layout, name, registry.ref(name, "v1"), creds=registry.skopeo_creds())
+        else:
+            skopeo_push(image, registry.ref(name, "v1"), workdir, creds=registry.skopeo_creds())
+    return PushedImages(registry, dict(images))
+
+
+@pytest.fixture(scope="module")
+def registry_images(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> PushedImages:
+    return push_images(registry, standard_images(), tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture

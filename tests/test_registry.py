@@ -8,17 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from imagebuild import (
-    Image,
-    ImageIndex,
-    busybox_image,
-    generated_image,
-    multi_platform_index,
-    skopeo_copy,
-    skopeo_push,
-    write_oci_layout,
-)
-from registry_fixture import FaultyProxyFactory, RegistryServer
+from imagebuild import Image, ImageIndex, skopeo_copy, write_oci_layout
+from registry_fixture import FaultyProxyFactory, PushedImages, standard_images
 
 from berth.core.content import new_hasher
 from berth.core.errdefs import (
@@ -45,44 +36,21 @@ from berth.plugins.images.registry import Resolver, RetryPolicy, verify_stream
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 
 
-class Pushed:
-    """The images this module pushed, by repository."""
-
-    def __init__(self, registry: RegistryServer, images: dict[str, Image | ImageIndex]) -> None:
-        self.registry = registry
-        self.images = images
-
-    def ref(self, repository: str) -> str:
-        return self.registry.ref(repository, "v1")
-
-
 @pytest.fixture(scope="module")
-def pushed(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> Pushed:
-    images: dict[str, Image | ImageIndex] = {
-        "busybox": busybox_image(),
-        "zstd": generated_image(seed=11, layers=3, compression="zstd"),
-        "plain": generated_image(seed=12, layers=2, compression=""),
-        "docker": generated_image(seed=13, layers=2, docker=True),
-        "multi": multi_platform_index(seed=14),
-        "multi-docker": multi_platform_index(seed=15, docker=True),
-    }
-    workdir = tmp_path_factory.mktemp("layout")
-    layout = write_oci_layout(workdir / "oci", {k: v for k, v in images.items() if "docker" not in k})
-    for repository, image in images.items():
-        if "docker" in repository:  # an OCI layout holds OCI media types only: skopeo's dir: format
-            skopeo_push(image, registry.ref(repository, "v1"), workdir)
-        else:
-            skopeo_copy(layout, repository, registry.ref(repository, "v1"))
+def pushed(registry_images: PushedImages) -> PushedImages:
+    """The standard images, plus busybox converted to Docker media types by skopeo."""
+    registry = registry_images.registry
+    layout = write_oci_layout(registry.root / "busybox-layout", {"busybox": registry_images.images["busybox"]})
     skopeo_copy(layout, "busybox", registry.ref("busybox-v2s2", "v1"), docker_format=True)
-    return Pushed(registry, images)
+    return registry_images
 
 
 def resolver(**kwargs: object) -> Resolver:
     return Resolver(RegistryHosts(), plain_http=True, retry=FAST, **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("repository", ["busybox", "zstd", "plain", "docker", "multi", "multi-docker"])
-async def test_resolve_tag_gives_the_pushed_root(pushed: Pushed, repository: str) -> None:
+@pytest.mark.parametrize("repository", sorted(standard_images()))
+async def test_resolve_tag_gives_the_pushed_root(pushed: PushedImages, repository: str) -> None:
     image = pushed.images[repository]
     async with resolver() as r:
         name, desc = await r.resolve(pushed.ref(repository))
@@ -90,7 +58,7 @@ async def test_resolve_tag_gives_the_pushed_root(pushed: Pushed, repository: str
     assert desc == image.descriptor
 
 
-async def test_resolve_digest_and_tag_with_digest(pushed: Pushed) -> None:
+async def test_resolve_digest_and_tag_with_digest(pushed: PushedImages) -> None:
     image = pushed.images["busybox"]
     by_digest = pushed.registry.ref("busybox", "@" + image.descriptor.digest)
     async with resolver() as r:
@@ -103,7 +71,7 @@ async def test_resolve_digest_and_tag_with_digest(pushed: Pushed) -> None:
             await r.resolve(pushed.registry.ref("busybox", "@" + other))
 
 
-async def test_docker_media_types_from_skopeo_conversion(pushed: Pushed) -> None:
+async def test_docker_media_types_from_skopeo_conversion(pushed: PushedImages) -> None:
     async with resolver() as r:
         name, desc = await r.resolve(pushed.ref("busybox-v2s2"))
         assert desc.media_type == DOCKER_MANIFEST
@@ -116,7 +84,7 @@ async def test_docker_media_types_from_skopeo_conversion(pushed: Pushed) -> None
 
 @pytest.mark.parametrize(("repository", "index_type", "manifest_type"), [
     ("multi", OCI_INDEX, OCI_MANIFEST), ("multi-docker", DOCKER_MANIFEST_LIST, DOCKER_MANIFEST)])
-async def test_index_and_platform_manifests(pushed: Pushed, repository: str, index_type: str,
+async def test_index_and_platform_manifests(pushed: PushedImages, repository: str, index_type: str,
                                             manifest_type: str) -> None:
     index = pushed.images[repository]
     assert isinstance(index, ImageIndex)
@@ -136,16 +104,17 @@ async def test_index_and_platform_manifests(pushed: Pushed, repository: str, ind
     assert markers[0] != markers[1]
 
 
-async def test_fetch_every_blob_verified(pushed: Pushed) -> None:
+async def test_fetch_every_blob_verified(pushed: PushedImages) -> None:
     async with resolver() as r:
-        for repository in ("busybox", "zstd", "plain", "docker"):
-            image = pushed.images[repository]
+        for repository, image in pushed.images.items():
+            if not isinstance(image, Image):
+                continue
             fetcher = r.fetcher(pushed.ref(repository))
             for blob in image.blobs().values():
                 assert await fetcher.fetch_bytes(blob.descriptor()) == blob.data
 
 
-async def test_fetch_stopped_mid_blob_resumes_from_offset(pushed: Pushed) -> None:
+async def test_fetch_stopped_mid_blob_resumes_from_offset(pushed: PushedImages) -> None:
     """A consumer that stops part-way keeps its bytes and hasher; a new fetch from that offset completes
     the blob, and the digest verifies over both parts."""
     layer = pushed.images["busybox"].layers[0].blob  # type: ignore[union-attr]
@@ -167,7 +136,7 @@ async def test_fetch_stopped_mid_blob_resumes_from_offset(pushed: Pushed) -> Non
     assert bytes(first + rest) == layer.data
 
 
-async def test_fetch_offsets_at_the_edges(pushed: Pushed) -> None:
+async def test_fetch_offsets_at_the_edges(pushed: PushedImages) -> None:
     blob = pushed.images["plain"].layers[0].blob  # type: ignore[union-attr]
     desc = blob.descriptor()
     async with resolver() as r:
@@ -178,7 +147,7 @@ async def test_fetch_offsets_at_the_edges(pushed: Pushed) -> None:
             _ = [c async for c in fetcher.fetch(desc, offset=desc.size + 1)]
 
 
-async def test_verify_stream_refuses_a_mismatch(pushed: Pushed) -> None:
+async def test_verify_stream_refuses_a_mismatch(pushed: PushedImages) -> None:
     blob = pushed.images["plain"].layers[0].blob  # type: ignore[union-attr]
     async with resolver() as r:
         fetcher = r.fetcher(pushed.ref("plain"))
@@ -190,7 +159,7 @@ async def test_verify_stream_refuses_a_mismatch(pushed: Pushed) -> None:
             _ = [c async for c in verify_stream(too_small, fetcher.fetch(blob.descriptor()))]
 
 
-async def test_not_found_names_the_reference_or_blob(pushed: Pushed) -> None:
+async def test_not_found_names_the_reference_or_blob(pushed: PushedImages) -> None:
     async with resolver() as r:
         with pytest.raises(NotFound, match="busybox:nope"):
             await r.resolve(pushed.registry.ref("busybox", "nope"))
@@ -201,7 +170,7 @@ async def test_not_found_names_the_reference_or_blob(pushed: Pushed) -> None:
             await r.fetcher(pushed.ref("busybox")).fetch_bytes(missing)
 
 
-async def test_manifest_size_limit(pushed: Pushed) -> None:
+async def test_manifest_size_limit(pushed: PushedImages) -> None:
     async with resolver(max_manifest_size=100) as r:
         with pytest.raises(ResourceExhausted, match="limit"):
             await r.resolve(pushed.ref("busybox"))
@@ -210,7 +179,7 @@ async def test_manifest_size_limit(pushed: Pushed) -> None:
             await r.fetcher(pushed.ref("busybox")).fetch_bytes(desc)
 
 
-async def test_resolve_without_digest_header_computes_it(pushed: Pushed,
+async def test_resolve_without_digest_header_computes_it(pushed: PushedImages,
                                                          faulty_proxy_factory: FaultyProxyFactory) -> None:
     """A registry (here a proxy) that sends no Docker-Content-Digest: the client GETs the manifest and
     hashes it."""
@@ -223,14 +192,14 @@ async def test_resolve_without_digest_header_computes_it(pushed: Pushed,
     assert [method for method, path, _ in proxy.requests if "/manifests/" in path] == ["HEAD", "GET"]
 
 
-async def test_list_tags(pushed: Pushed) -> None:
+async def test_list_tags(pushed: PushedImages) -> None:
     async with resolver() as r:
         assert await r.list_tags(pushed.ref("busybox")) == ["v1"]
         with pytest.raises(NotFound):
             await r.list_tags(pushed.registry.ref("no-such-repo"))
 
 
-async def test_plain_http_only_for_loopback_or_configured(pushed: Pushed, tmp_path: Path) -> None:
+async def test_plain_http_only_for_loopback_or_configured(pushed: PushedImages, tmp_path: Path) -> None:
     async with Resolver(RegistryHosts(), plain_http=True, retry=FAST) as r:
         with pytest.raises(InvalidArgument, match="only allowed for a loopback"):
             await r.resolve("registry.example.com/app:v1")
@@ -240,14 +209,14 @@ async def test_plain_http_only_for_loopback_or_configured(pushed: Pushed, tmp_pa
             await r.resolve(pushed.ref("busybox"))
 
 
-async def test_closed_resolver_refuses_work(pushed: Pushed) -> None:
+async def test_closed_resolver_refuses_work(pushed: PushedImages) -> None:
     r = resolver()
     await r.aclose()
     with pytest.raises(Unavailable, match="closed"):
         await r.resolve(pushed.ref("busybox"))
 
 
-async def test_schema1_manifests_are_refused(pushed: Pushed, faulty_proxy_factory: FaultyProxyFactory) -> None:
+async def test_schema1_manifests_are_refused(pushed: PushedImages, faulty_proxy_factory: FaultyProxyFactory) -> None:
     proxy = faulty_proxy_factory.start(pushed.registry.host)
     proxy.override_headers = {"content-type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}
     async with resolver() as r:
@@ -256,7 +225,7 @@ async def test_schema1_manifests_are_refused(pushed: Pushed, faulty_proxy_factor
 
 
 async def test_generic_content_type_reads_the_media_type_from_the_body(
-        pushed: Pushed, faulty_proxy_factory: FaultyProxyFactory) -> None:
+        pushed: PushedImages, faulty_proxy_factory: FaultyProxyFactory) -> None:
     proxy = faulty_proxy_factory.start(pushed.registry.host)
     proxy.override_headers = {"content-type": "application/json"}
     async with resolver() as r:
@@ -265,7 +234,7 @@ async def test_generic_content_type_reads_the_media_type_from_the_body(
             assert desc == pushed.images[repository].descriptor
 
 
-async def test_manifest_bytes_are_checked_against_digests(pushed: Pushed,
+async def test_manifest_bytes_are_checked_against_digests(pushed: PushedImages,
                                                           faulty_proxy_factory: FaultyProxyFactory) -> None:
     """A registry serving manifest bytes that are not what their digest says: refused when resolving
     through GET (against the header or the pinned digest) and when fetching by digest."""

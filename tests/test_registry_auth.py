@@ -139,3 +139,32 @@ async def test_policy_denying_a_repository(registry_factory: RegistryFactory) ->
 
 def test_credentials_repr_hides_secrets() -> None:
     assert "pw" not in repr(Credentials(username="u", password="pw", identity_token="pw"))
+
+
+async def test_a_refused_cached_token_is_dropped_and_fetched_again(registry_factory: RegistryFactory) -> None:
+    """The first pull token grants nothing (the registry refuses it); the next resolve sends that cached
+    token, is refused, drops it and succeeds with a fresh one instead of failing for the token's lifetime."""
+    pull_only: list[bool] = []
+
+    def policy(account: str, type_: str, name: str, actions: list[str]) -> list[str]:
+        if actions == ["pull"]:
+            pull_only.append(True)
+            if len(pull_only) == 1:
+                return []
+        return list(actions)
+
+    registry = registry_factory.start(auth="token", policy=policy)
+    image = generated_image(seed=25, layers=1)
+    ref = registry.ref("token/flaky", "v1")
+    async with resolver(registry.registry_hosts()) as r:
+        await push_image(r.pusher(ref), image, tag="v1")
+    assert registry.token_server is not None
+    before = len(registry.token_server.requests)
+    async with resolver(registry.registry_hosts()) as r:
+        with pytest.raises(Unauthenticated, match="token/flaky"):
+            await r.resolve(ref)
+        _, desc = await r.resolve(ref)
+        _, desc = await r.resolve(ref)
+    assert desc == image.descriptor
+    granted = [request.granted != [] for request in registry.token_server.requests[before:]]
+    assert granted == [False, True]
