@@ -134,3 +134,11 @@ async def test_streamed_upload_is_not_replayed(proxy: FaultyProxy) -> None:
             await pusher.push_blob(blob.descriptor(), chunks())
         assert not await pusher.exists(blob.descriptor())
     assert [method for method, _, _ in proxy.requests] == ["POST", "PUT", "HEAD"]
+
+
+def test_retry_policy_backoff() -> None:
+    policy = RetryPolicy(attempts=5, base_delay=0.1, max_delay=1.0)
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5)] == [0.1, 0.2, 0.4, 0.8, 1.0]
+    assert policy.delay(1, "0") == 0.0
+    assert policy.delay(1, " 3 ") == 1.0
+    assert policy.delay(2, "Wed, 21 Oct 2015 07:28:00 GMT") == 0.2
