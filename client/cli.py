@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from berth.client.sync import Client, default_address, default_namespace
+from berth.client.sync import DEFAULT_ADDRESS, DEFAULT_NAMESPACE, Client, default_address, default_namespace
 from berth.core import __version__
 from berth.core.errdefs import BerthError, InvalidArgument
 
@@ -398,10 +398,11 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     """The command-line parser. With ``only`` (a command word), the other commands get no sub-commands
     or options: building them all would cost every run a few milliseconds of start-up."""
     parser = argparse.ArgumentParser(prog="berth", description="talk to berthd, berth's container daemon")
-    parser.add_argument("--address", "-a", default=default_address(),
-                        help="berthd's socket (env BERTH_ADDRESS; default %(default)s)")
-    parser.add_argument("--namespace", "-n", default=default_namespace(),
-                        help="namespace to work in (env BERTH_NAMESPACE; default %(default)s)")
+    # Defaults come from the environment at run time (main), so a parser built once serves any caller.
+    parser.add_argument("--address", "-a", default=None,
+                        help=f"berthd's socket (default: $BERTH_ADDRESS, else {DEFAULT_ADDRESS})")
+    parser.add_argument("--namespace", "-n", default=None,
+                        help=f"namespace to work in (default: $BERTH_NAMESPACE, else {DEFAULT_NAMESPACE})")
     parser.add_argument("--timeout", type=float, default=None, help="seconds each call may take")
     parser.add_argument("--lease", default=None, metavar="ID",
                         help="run content and snapshot commands under this lease (what they create joins it)")
@@ -549,12 +550,23 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return known.rest[0] if known.rest else None
 
 
+_prebuilt: argparse.ArgumentParser | None = None
+
+
+def prebuild_parser() -> None:
+    """Build the whole parser once in this process (the launcher's command server does, so that every
+    command it forks skips building one)."""
+    global _prebuilt
+    _prebuilt = _parser()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser(_command_in(argv)).parse_args(argv)
+    args = (_prebuilt or _parser(_command_in(argv))).parse_args(argv)
     if not hasattr(args, "handler"):  # the probe misread the command line: parse it with every command
         args = _parser().parse_args(argv)
-    client = Client(args.address, namespace=args.namespace, timeout=args.timeout)
+    client = Client(args.address or default_address(), namespace=args.namespace or default_namespace(),
+                    timeout=args.timeout)
     try:
         args.handler(client, args)
     except BerthError as err:

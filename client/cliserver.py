@@ -186,7 +186,7 @@ def _warm_up() -> None:
 
     from berth.client import cli
 
-    cli._parser().parse_args(["version"])
+    cli.prebuild_parser()
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
