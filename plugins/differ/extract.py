@@ -1,0 +1,539 @@
+"""Extracting a tar stream into a directory without ever touching anything outside it.
+
+Path rules (stricter than containerd's ``archive/tar.go``, which cleans every name relative to the root
+and follows symlinks as if chrooted):
+
+* An entry name is split on ``/``; empty and ``.`` components are dropped (so ``./a//b`` is ``a/b``).
+  A name starting with ``/`` (absolute) or holding a ``..`` component is refused, even when it would
+  stay inside: layers written by Docker, BuildKit, umoci or containerd never contain either.
+* Every parent component is opened with ``openat(O_NOFOLLOW|O_DIRECTORY)`` from the directory above it.
+  A parent that is a symlink is followed only when its target is relative and stays inside the root
+  (``lib -> usr/lib``); an absolute target, a target climbing above the root, or more than 40 hops is
+  refused. A missing parent is created (mode 0755, or copied from the lower layers in overlay mode).
+* Hardlink targets follow the same rules and must already exist; whiteouts name one file in a resolved
+  directory. The last component of an entry is never followed: an existing file, symlink or directory
+  there is replaced (a directory over a directory is kept and gets the new metadata).
+* Device nodes are refused unless ``allow_devices``; ``trusted.overlay.*`` / ``user.overlay.*`` xattrs
+  are always refused (they would steer the overlay filesystem).
+
+Two whiteout modes: **overlay** (writing into an overlay upperdir) turns ``.wh.NAME`` into a 0/0
+character device and ``.wh..wh..opq`` into the ``overlay.opaque=y`` xattr on the directory; **plain**
+(a bind source or a mounted snapshot) deletes ``NAME`` and, for an opaque marker, everything in the
+directory that this layer did not write. Other ``.wh..wh.`` names (AUFS metadata) are skipped.
+
+Every error is raised as a :class:`~berth.core.errdefs.BerthError` naming the entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO, cast
+
+from berth.core.errdefs import BerthError, InvalidArgument, ResourceExhausted
+
+from .stream import BytePipe
+
+__all__ = ["Extractor", "TarSource", "split_name"]
+
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_META_PREFIX = ".wh..wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+_MAX_HOPS = 40
+_MAX_CACHED_DIRS = 256
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_XATTR_PREFIX = "SCHILY.xattr."
+
+
+class TarSource:
+    """A forward-only, seekable-forward file object over a :class:`BytePipe`, as :mod:`tarfile` needs."""
+
+    def __init__(self, pipe: BytePipe) -> None:
+        self._pipe = pipe
+        self._buffer: memoryview = memoryview(b"")
+        self._position = 0
+        self._eof = False
+
+    def _fill(self) -> bool:
+        if self._eof:
+            return False
+        data = self._pipe.read()
+        if not data:
+            self._eof = True
+            return False
+        self._buffer = memoryview(data)
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            parts = [bytes(self._buffer)]
+            while self._fill():
+                parts.append(bytes(self._buffer))
+            self._buffer = memoryview(b"")
+            data = b"".join(parts)
+            self._position += len(data)
+            return data
+        if len(self._buffer) >= size:
+            data = bytes(self._buffer[:size])
+            self._buffer = self._buffer[size:]
+            self._position += size
+            return data
+        parts = []
+        wanted = size
+        while wanted > 0:
+            if not self._buffer and not self._fill():
+                break
+            piece = self._buffer[:wanted]
+            parts.append(bytes(piece))
+            self._buffer = self._buffer[len(piece):]
+            wanted -= len(piece)
+        data = b"".join(parts)
+        self._position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self._position + offset
+        if whence not in (0, 1) or target < self._position:
+            raise OSError(errno.ESPIPE, "the layer stream only moves forward")
+        while self._position < target:
+            if not self._buffer and not self._fill():
+                break
+            step = min(len(self._buffer), target - self._position)
+            self._buffer = self._buffer[step:]
+            self._position += step
+        return self._position
+
+    def copy_to(self, fd: int, size: int) -> int:
+        """Write the next ``size`` bytes to ``fd``; returns how many there were (less at end of stream)."""
+        left = size
+        while left > 0:
+            if not self._buffer and not self._fill():
+                break
+            piece = self._buffer[:left]
+            while piece:
+                written = os.write(fd, piece)
+                piece = piece[written:]
+            step = min(len(self._buffer), left)
+            self._buffer = self._buffer[step:]
+            self._position += step
+            left -= step
+        return size - left
+
+    def drain(self) -> None:
+        """Read to the end of the stream (so every byte is hashed)."""
+        self._buffer = memoryview(b"")
+        while self._fill():
+            self._position += len(self._buffer)
+            self._buffer = memoryview(b"")
+
+
+def split_name(name: str) -> tuple[str, ...]:
+    """The components of a tar entry name, ``.`` and empty ones dropped.
+
+    Raises: InvalidArgument for an absolute name or a ``..`` component.
+    """
+    if name.startswith("/"):
+        raise InvalidArgument(f"layer entry {name!r}: absolute paths are not allowed")
+    parts = tuple(part for part in name.split("/") if part and part != ".")
+    if ".." in parts:
+        raise InvalidArgument(f"layer entry {name!r}: '..' is not allowed in a path")
+    return parts
+
+
+class _EntryError(Exception):
+    """Internal: a refusal found while resolving; turned into InvalidArgument naming the entry."""
+
+
+@dataclass(slots=True)
+class _Times:
+    parts: tuple[str, ...]
+    atime_ns: int
+    mtime_ns: int
+
+
+class Extractor:
+    """Applies one tar stream into ``root`` (see the module docstring for the rules).
+
+    ``overlay`` selects overlay whiteouts; ``lowers`` are the overlay's lower directories, nearest first,
+    used only to copy attributes of parent directories that the layer does not list. Not thread-safe:
+    one extractor per apply, used from one worker thread.
+    """
+
+    def __init__(self, root: str, *, overlay: bool = False, lowers: Sequence[str] = (),
+                 xattr_prefix: str = "trusted.overlay.", allow_devices: bool = False) -> None:
+        self._root = root
+        self._overlay = overlay
+        self._lowers = tuple(lowers)
+        self._opaque_xattr = xattr_prefix + "opaque"
+        self._allow_devices = allow_devices
+        self._cache: dict[tuple[str, ...], int] = {}
+        self._dir_times: list[_Times] = []
+        self._written: set[tuple[str, ...]] = set()
+        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every descriptor (idempotent)."""
+        self._drop_cache()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def _drop_cache(self) -> None:
+        for fd in self._cache.values():
+            os.close(fd)
+        self._cache.clear()
+
+    def run(self, source: TarSource) -> int:
+        """Extract every entry of the tar stream, then read the stream to its end; returns the entry count.
+
+        Blocks. Raises InvalidArgument naming the entry for any refused or malformed entry,
+        ResourceExhausted when the disk is full, PipeAborted when the stream was aborted.
+        """
+        count = 0
+        try:
+            try:
+                archive = tarfile.TarFile(fileobj=cast("IO[bytes]", source), mode="r", encoding="utf-8",
+                                          errors="surrogateescape")
+            except tarfile.TarError as err:
+                raise InvalidArgument(f"layer is not a valid tar stream: {err}") from None
+            while True:
+                try:
+                    member = archive.next()
+                except tarfile.TarError as err:
+                    raise InvalidArgument(f"layer is not a valid tar stream after {count} entries: {err}") from None
+                if member is None:
+                    break
+                archive.members.clear()  # type: ignore[attr-defined]  # TarFile keeps every member otherwise
+                count += 1
+                self._entry(archive, source, member)
+            self._finish_dir_times()
+        finally:
+            self.close()
+        source.drain()
+        return count
+
+    # -- path resolution -------------------------------------------------------------------------------
+
+    def _dir_fd(self, parts: tuple[str, ...], create: bool, hops: int = 0) -> int:
+        """A descriptor of directory ``parts`` below the root (borrowed from the cache: do not close).
+
+        Raises _EntryError for an escape or a non-directory; FileNotFoundError when missing and not
+        ``create``.
+        """
+        if not parts:
+            return self._root_fd
+        cached = self._cache.get(parts)
+        if cached is not None:
+            return cached
+        parent = self._dir_fd(parts[:-1], create, hops)
+        name = parts[-1]
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                raise
+            self._mkdir_parent(parent, parts)
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except OSError as err:
+            if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            st = os.lstat(name, dir_fd=parent)
+            if not stat.S_ISLNK(st.st_mode):
+                raise _EntryError(f"{'/'.join(parts)!r} is not a directory") from None
+            target = os.readlink(name, dir_fd=parent)
+            resolved = self._follow(parts, target, hops)
+            return self._dir_fd(resolved, create, hops + 1)
+        if len(self._cache) >= _MAX_CACHED_DIRS:
+            oldest = next(iter(self._cache))
+            os.close(self._cache.pop(oldest))
+        self._cache[parts] = fd
+        return fd
+
+    @staticmethod
+    def _follow(parts: tuple[str, ...], target: str, hops: int) -> tuple[str, ...]:
+        where = "/".join(parts)
+        if hops >= _MAX_HOPS:
+            raise _EntryError(f"too many levels of symlinks at {where!r}")
+        if target.startswith("/"):
+            raise _EntryError(f"{where!r} is a symlink to the absolute path {target!r}")
+        resolved = list(parts[:-1])
+        for part in target.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not resolved:
+                    raise _EntryError(f"{where!r} is a symlink to {target!r}, outside the snapshot")
+                resolved.pop()
+            else:
+                resolved.append(part)
+        return tuple(resolved)
+
+    def _mkdir_parent(self, parent: int, parts: tuple[str, ...]) -> None:
+        """Create a parent directory the layer does not list: like the lower layers' one when there is one."""
+        os.mkdir(parts[-1], 0o755, dir_fd=parent)
+        self._written.add(parts)
+        if not self._overlay:
+            return
+        for lower in self._lowers:
+            st = _lstat_below(lower, parts)
+            if st is not None:
+                if stat.S_ISDIR(st.st_mode):
+                    os.chown(parts[-1], st.st_uid, st.st_gid, dir_fd=parent, follow_symlinks=False)
+                    os.chmod(parts[-1], stat.S_IMODE(st.st_mode), dir_fd=parent)
+                    self._dir_times.append(_Times(parts, st.st_atime_ns, st.st_mtime_ns))
+                return
+
+    # -- entries ---------------------------------------------------------------------------------------
+
+    def _entry(self, archive: tarfile.TarFile, source: TarSource, member: tarfile.TarInfo) -> None:
+        name = member.name
+        try:
+            parts = split_name(name)
+            if not parts:
+                return  # the root itself: its attributes belong to the snapshot, not the layer
+            base = parts[-1]
+            if base.startswith(WHITEOUT_PREFIX):
+                self._whiteout(parts)
+                return
+            for key, _ in _xattrs(member):
+                if key.startswith(("trusted.overlay.", "user.overlay.")):
+                    raise _EntryError(f"overlay xattr {key!r} is not allowed")
+            if (member.ischr() or member.isblk()) and not self._allow_devices:
+                raise _EntryError("device nodes are not allowed (allow_devices = false)")
+            parent = self._dir_fd(parts[:-1], create=True)
+            if not self._overlay:
+                self._written.add(parts)
+            if member.isreg():
+                self._regular(archive, source, member, parent, base)
+            elif member.isdir():
+                self._directory(member, parent, parts)
+            elif member.issym():
+                self._symlink(member, parent, base)
+            elif member.islnk():
+                self._hardlink(member, parent, base)
+            elif member.isfifo() or member.ischr() or member.isblk():
+                self._special(member, parent, base)
+            else:
+                raise _EntryError(f"unsupported tar entry type {member.type!r}")
+        except _EntryError as err:
+            raise InvalidArgument(f"layer entry {name!r}: {err}") from None
+        except BerthError:
+            raise
+        except OSError as err:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"layer entry {name!r}: {reason}") from None
+            raise InvalidArgument(f"layer entry {name!r}: {reason}") from None
+
+    def _make_room(self, parent: int, name: str, keep_dir: bool) -> bool:
+        """Remove whatever is at ``name`` (a directory is kept when ``keep_dir``); True if a directory
+        was kept."""
+        try:
+            st = os.lstat(name, dir_fd=parent)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return True
+            self._drop_cache()
+            shutil.rmtree(name, dir_fd=parent)
+        else:
+            if stat.S_ISLNK(st.st_mode):
+                self._drop_cache()
+            os.unlink(name, dir_fd=parent)
+        return False
+
+    def _regular(self, archive: tarfile.TarFile, source: TarSource, member: tarfile.TarInfo, parent: int,
+                 name: str) -> None:
+        mode = stat.S_IMODE(member.mode)
+        try:
+            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+        except FileExistsError:
+            self._make_room(parent, name, keep_dir=False)
+            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+        try:
+            if member.issparse():
+                extracted = archive.extractfile(member)
+                assert extracted is not None
+                while block := extracted.read(1 << 20):
+                    os.write(fd, block)
+            else:
+                source.seek(member.offset_data)
+                if source.copy_to(fd, member.size) != member.size:
+                    raise _EntryError("the layer ends inside this file")
+            self._attributes_fd(fd, member, mode)
+            os.utime(fd, ns=_times(member))
+        finally:
+            os.close(fd)
+
+    def _attributes_fd(self, fd: int, member: tarfile.TarInfo, mode: int) -> None:
+        os.fchown(fd, member.uid, member.gid)
+        for key, value in _xattrs(member):
+            os.setxattr(fd, key, value)
+        os.fchmod(fd, mode)
+
+    def _directory(self, member: tarfile.TarInfo, parent: int, parts: tuple[str, ...]) -> None:
+        name = parts[-1]
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            if not self._make_room(parent, name, keep_dir=True):
+                os.mkdir(name, 0o700, dir_fd=parent)
+        fd = self._dir_fd(parts, create=False)
+        os.fchown(fd, member.uid, member.gid)
+        for key, value in _xattrs(member):
+            os.setxattr(fd, key, value)
+        os.fchmod(fd, stat.S_IMODE(member.mode))
+        atime, mtime = _times(member)
+        self._dir_times.append(_Times(parts, atime, mtime))
+
+    def _symlink(self, member: tarfile.TarInfo, parent: int, name: str) -> None:
+        try:
+            os.symlink(member.linkname, name, dir_fd=parent)
+        except FileExistsError:
+            self._make_room(parent, name, keep_dir=False)
+            os.symlink(member.linkname, name, dir_fd=parent)
+        os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+        xattrs = _xattrs(member)
+        if xattrs:
+            path = f"/proc/self/fd/{parent}/{name}"
+            for key, value in xattrs:
+                os.setxattr(path, key, value, follow_symlinks=False)
+        os.utime(name, ns=_times(member), dir_fd=parent, follow_symlinks=False)
+
+    def _hardlink(self, member: tarfile.TarInfo, parent: int, name: str) -> None:
+        try:
+            target = split_name(member.linkname)
+        except InvalidArgument:
+            raise _EntryError(f"hardlink target {member.linkname!r} is outside the snapshot") from None
+        if not target:
+            raise _EntryError("hardlink to the root directory")
+        try:
+            target_parent = self._dir_fd(target[:-1], create=False)
+        except FileNotFoundError:
+            raise _EntryError(f"hardlink target {member.linkname!r} does not exist") from None
+        try:
+            os.link(target[-1], name, src_dir_fd=target_parent, dst_dir_fd=parent, follow_symlinks=False)
+        except FileExistsError:
+            if target_parent == parent and target[-1] == name:
+                return  # a link to itself: already there
+            self._make_room(parent, name, keep_dir=False)
+            os.link(target[-1], name, src_dir_fd=target_parent, dst_dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            raise _EntryError(f"hardlink target {member.linkname!r} does not exist") from None
+
+    def _special(self, member: tarfile.TarInfo, parent: int, name: str) -> None:
+        if member.isfifo():
+            kind, device = stat.S_IFIFO, 0
+        else:
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            device = os.makedev(member.devmajor, member.devminor)
+        try:
+            os.mknod(name, kind | 0o600, device, dir_fd=parent)
+        except FileExistsError:
+            self._make_room(parent, name, keep_dir=False)
+            os.mknod(name, kind | 0o600, device, dir_fd=parent)
+        os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+        xattrs = _xattrs(member)
+        if xattrs:
+            path = f"/proc/self/fd/{parent}/{name}"
+            for key, value in xattrs:
+                os.setxattr(path, key, value, follow_symlinks=False)
+        os.chmod(name, stat.S_IMODE(member.mode), dir_fd=parent, follow_symlinks=False)
+        os.utime(name, ns=_times(member), dir_fd=parent, follow_symlinks=False)
+
+    # -- whiteouts -------------------------------------------------------------------------------------
+
+    def _whiteout(self, parts: tuple[str, ...]) -> None:
+        base = parts[-1]
+        directory = parts[:-1]
+        if base == WHITEOUT_OPAQUE:
+            self._opaque(directory)
+            return
+        if base.startswith(WHITEOUT_META_PREFIX):
+            return  # AUFS metadata (.wh..wh.plnk and the like): nothing to apply
+        name = base[len(WHITEOUT_PREFIX):]
+        if name in ("", ".", ".."):
+            raise _EntryError(f"whiteout of {name!r} is not allowed")
+        if self._overlay:
+            parent = self._dir_fd(directory, create=True)
+            try:
+                os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=parent)
+            except FileExistsError:
+                self._make_room(parent, name, keep_dir=False)
+                os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=parent)
+            return
+        try:
+            parent = self._dir_fd(directory, create=False)
+        except FileNotFoundError:
+            return  # nothing there to delete
+        self._make_room(parent, name, keep_dir=False)
+
+    def _opaque(self, directory: tuple[str, ...]) -> None:
+        if self._overlay:
+            fd = self._dir_fd(directory, create=True)
+            os.setxattr(fd, self._opaque_xattr, b"y")
+            return
+        try:
+            fd = self._dir_fd(directory, create=False)
+        except FileNotFoundError:
+            return
+        for child in os.listdir(fd):
+            if (*directory, child) not in self._written:
+                self._make_room(fd, child, keep_dir=False)
+
+    def _finish_dir_times(self) -> None:
+        """Set directory times last: creating entries inside a directory changes its mtime."""
+        for times in reversed(self._dir_times):
+            try:
+                fd = self._dir_fd(times.parts, create=False)
+            except (FileNotFoundError, _EntryError):
+                continue  # replaced or deleted by a later entry
+            os.utime(fd, ns=(times.atime_ns, times.mtime_ns))
+
+
+def _times(member: tarfile.TarInfo) -> tuple[int, int]:
+    mtime = int(member.mtime * 1_000_000_000)
+    atime_text = member.pax_headers.get("atime")
+    if atime_text is not None:
+        try:
+            return int(float(atime_text) * 1_000_000_000), mtime
+        except ValueError:
+            pass
+    return mtime, mtime
+
+
+def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    if not member.pax_headers:
+        return []
+    return [(key[len(_XATTR_PREFIX):], value.encode("utf-8", "surrogateescape"))
+            for key, value in member.pax_headers.items() if key.startswith(_XATTR_PREFIX)]
+
+
+def _lstat_below(root: str, parts: tuple[str, ...]) -> os.stat_result | None:
+    """lstat of ``root/parts`` without following any symlink on the way; None when it is not there."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for part in parts[:-1]:
+            next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        return os.lstat(parts[-1], dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
