@@ -15,6 +15,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "berth.plugins.services.leases",
     "berth.plugins.services.snapshots",
     "berth.plugins.services.images",
+    "berth.plugins.services.images",
     "berth.plugins.services.version",
     "berth.plugins.services.introspection",
     "berth.plugins.services.events",
