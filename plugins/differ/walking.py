@@ -81,12 +81,13 @@ def _direct_target(mounts: Sequence[Mount]) -> _Target | None:
 class WalkingDiffer:
     """Applies layers into snapshots (``apply``, ``apply_stream``) and computes them (``compare``).
 
-    ``content`` is the content store layers are read from and written to; ``allow_devices`` lets layers
-    create device nodes; ``scratch`` is where temporary mount points are made (the system temp dir when
-    None).
+    ``content`` is the content store :meth:`apply` reads blobs from and :meth:`compare` writes layers to
+    (:meth:`apply_stream` needs none); ``allow_devices`` lets layers create device nodes; ``scratch`` is
+    where temporary mount points are made (the system temp dir when None).
     """
 
-    def __init__(self, content: Store, *, allow_devices: bool = False, scratch: Path | None = None) -> None:
+    def __init__(self, content: Store | None = None, *, allow_devices: bool = False,
+                 scratch: Path | None = None) -> None:
         self.content = content
         self.allow_devices = allow_devices
         self.scratch = scratch
@@ -101,8 +102,13 @@ class WalkingDiffer:
                                          expected_size=desc.size)
         return result.diff_id
 
+    def _store(self) -> Store:
+        if self.content is None:
+            raise FailedPrecondition("this differ has no content store")
+        return self.content
+
     async def _read_blob(self, desc: Descriptor) -> AsyncIterable[bytes]:
-        reader = await self.content.reader_at(desc.digest)
+        reader = await self._store().reader_at(desc.digest)
         try:
             offset = 0
             while offset < reader.size:
