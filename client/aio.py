@@ -213,6 +213,30 @@ class AsyncClient:
                       namespace: str | None = None) -> None:
         await self.call("events.publish", {"topic": topic, "event": event or {}}, namespace=namespace)
 
+    # ------------------------------------------------------------------ images (as the sync client's)
+
+    async def images_get(self, name: str) -> dict[str, Any]:
+        return (await self.call("images.get", {"name": name}))["image"]  # type: ignore[no-any-return]
+
+    async def images_list(self, filters: list[str] | None = None) -> list[dict[str, Any]]:
+        return (await self.call("images.list", {"filters": filters or []}))["images"]  # type: ignore[no-any-return]
+
+    async def images_create(self, name: str, target: dict[str, Any], labels: dict[str, str] | None = None, *,
+                            lease: str | None = None) -> dict[str, Any]:
+        args = {"name": name, "target": target, "labels": labels or {}}
+        return (await self.call("images.create", args, lease=lease))["image"]  # type: ignore[no-any-return]
+
+    async def images_update(self, name: str, *, labels: dict[str, str] | None = None,
+                            target: dict[str, Any] | None = None,
+                            update_mask: list[str] | None = None) -> dict[str, Any]:
+        args: dict[str, Any] = {"name": name, "labels": labels or {}, "update_mask": update_mask or []}
+        if target is not None:
+            args["target"] = target
+        return (await self.call("images.update", args))["image"]  # type: ignore[no-any-return]
+
+    async def images_delete(self, name: str, *, sync: bool = False, target: str = "") -> None:
+        await self.call("images.delete", {"name": name, "sync": sync, "target": target})
+
 
 @asynccontextmanager
 async def open_client(

@@ -13,6 +13,8 @@
         leases ls [-q] [--format table|json] [FILTER...] |
                create [--id ID] [--expires DURATION] [--label K=V]... [KEY=VALUE...] | rm [--sync] ID...
         snapshots [--snapshotter S] ls | prepare | view | mounts | commit | rm | info | usage | tree | label
+        images ls [-q] [--format table|json] [FILTER...] | rm [--sync] REF... | tag [--force] SRC DST... |
+               label REF [KEY=VALUE...] | check [--snapshotter S] [REF...]
         events [--format json] [FILTER...]
 
 ``BERTH_ADDRESS`` and ``BERTH_NAMESPACE`` set the defaults of ``--address`` and ``--namespace``;
@@ -36,7 +38,7 @@ from typing import Any, NoReturn
 
 from berth.client.sync import DEFAULT_ADDRESS, DEFAULT_NAMESPACE, Client, default_address, default_namespace
 from berth.core import __version__
-from berth.core.errdefs import BerthError, InvalidArgument
+from berth.core.errdefs import AlreadyExists, BerthError, InvalidArgument, NotFound
 
 
 def _print_json(value: Any) -> None:
@@ -375,6 +377,156 @@ def cmd_snapshots_label(client: Client, args: argparse.Namespace) -> None:
     sys.stdout.write(_format_labels(info["labels"]) + "\n")
 
 
+def _read_json(client: Client, digest: str) -> dict[str, Any] | None:
+    """The JSON object in blob ``digest``, or ``None`` when the namespace does not have it (or it is no JSON
+    object)."""
+    import json
+
+    try:
+        value = json.loads(b"".join(client.content_read(digest)))
+    except NotFound:
+        return None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _image_tree(client: Client, target: dict[str, Any]) -> dict[str, Any]:
+    """What the content store holds of an image for the host platform: ``required``/``present`` blob counts
+    and bytes (index, manifest, config, layers), ``size`` (config + layers, ``None`` when the manifest is
+    missing), ``platforms`` and the ``config`` document (``None`` when missing)."""
+    from berth.core.oci import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, Platform, host_platform
+
+    tree: dict[str, Any] = {"required": 1, "present": 0, "required_bytes": target["size"], "present_bytes": 0,
+                            "size": None, "platforms": [], "config": None}
+    desc, document = target, _read_json(client, target["digest"])
+    try:
+        if document is None:
+            return tree
+        tree["present"] += 1
+        tree["present_bytes"] += desc["size"]
+        if desc["mediaType"] in INDEX_MEDIA_TYPES:
+            manifests = [m for m in document.get("manifests") or [] if m.get("mediaType") in MANIFEST_MEDIA_TYPES]
+            platforms = [Platform.from_wire(m["platform"]) if m.get("platform") else None for m in manifests]
+            tree["platforms"] = sorted({str(p) for p in platforms if p is not None})
+            host = host_platform()
+            chosen = [m for m, p in zip(manifests, platforms, strict=True) if p is None or host.matches(p)]
+            if not chosen:
+                return tree
+            desc = chosen[0]
+            tree["required"] += 1
+            tree["required_bytes"] += desc["size"]
+            document = _read_json(client, desc["digest"])
+            if document is None:
+                return tree
+            tree["present"] += 1
+            tree["present_bytes"] += desc["size"]
+        if desc["mediaType"] not in MANIFEST_MEDIA_TYPES:
+            return tree
+        blobs = [document["config"], *(document.get("layers") or [])]
+        tree["size"] = sum(int(blob["size"]) for blob in blobs)
+        for blob in blobs:
+            tree["required"] += 1
+            tree["required_bytes"] += int(blob["size"])
+            try:
+                client.content_info(blob["digest"])
+            except NotFound:
+                continue
+            tree["present"] += 1
+            tree["present_bytes"] += int(blob["size"])
+        config = _read_json(client, document["config"]["digest"])
+        tree["config"] = config
+        if config is not None and not tree["platforms"] and config.get("os") and config.get("architecture"):
+            tree["platforms"] = [str(Platform.from_wire(config))]
+    except (KeyError, TypeError, ValueError, InvalidArgument):  # a malformed document: report what was seen
+        pass
+    return tree
+
+
+def _unpacked(client: Client, config: dict[str, Any] | None, snapshotter: str) -> bool:
+    """Whether the committed snapshot named by the config's top chain ID exists in ``snapshotter``."""
+    from berth.core.oci import chain_ids
+
+    rootfs = config.get("rootfs") if config else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not diff_ids:
+        return False
+    try:
+        top = chain_ids(diff_ids)[-1]
+        info = client.call("snapshots.stat", {"snapshotter": snapshotter, "key": top})["info"]
+    except (NotFound, InvalidArgument):
+        return False
+    return bool(info["kind"] == "committed")
+
+
+def cmd_images_ls(client: Client, args: argparse.Namespace) -> None:
+    images = client.images_list(args.filters)
+    if args.quiet:
+        sys.stdout.writelines(image["name"] + "\n" for image in images)
+        return
+    if args.format == "json":
+        _print_json(images)
+        return
+    rows = []
+    for image in images:
+        tree = _image_tree(client, image["target"])
+        rows.append([image["name"], image["target"]["mediaType"], image["target"]["digest"],
+                     "-" if tree["size"] is None else human_size(tree["size"]), ",".join(tree["platforms"]) or "-",
+                     _format_labels(image["labels"])])
+    _print_table(["REF", "TYPE", "DIGEST", "SIZE", "PLATFORMS", "LABELS"], rows)
+
+
+def cmd_images_rm(client: Client, args: argparse.Namespace) -> None:
+    _remove_each(args.refs, lambda ref: client.images_delete(ref, sync=args.sync))
+
+
+def cmd_images_tag(client: Client, args: argparse.Namespace) -> None:
+    source = client.images_get(args.source)
+    for name in args.targets:
+        try:
+            client.images_create(name, source["target"], source["labels"])
+        except AlreadyExists:
+            if not args.force:
+                raise AlreadyExists(f"image {name} already exists (--force replaces it)") from None
+            client.images_update(name, labels=source["labels"], target=source["target"],
+                                 update_mask=["labels", "target"])
+        sys.stdout.write(name + "\n")
+
+
+def cmd_images_label(client: Client, args: argparse.Namespace) -> None:
+    labels = _parse_labels(args.labels)
+    if not labels:  # no mask would replace every label: show them instead
+        image = client.images_get(args.ref)
+    else:
+        image = client.images_update(args.ref, labels={k: v for k, v in labels.items() if v},
+                                     update_mask=[f"labels.{key}" for key in labels])
+    sys.stdout.write(_format_labels(image["labels"]) + "\n")
+
+
+def cmd_images_check(client: Client, args: argparse.Namespace) -> None:
+    images: list[dict[str, Any]] = []
+    failed = False
+    for ref in args.refs:
+        try:
+            images.append(client.images_get(ref))
+        except NotFound as err:
+            sys.stderr.write(f"berth: {_describe(err)}\n")
+            failed = True
+    if not args.refs:
+        images = client.images_list()
+    rows = []
+    for image in images:
+        tree = _image_tree(client, image["target"])
+        counts = f"({tree['present']}/{tree['required']})"
+        status = f"complete {counts}" if tree["present"] == tree["required"] else f"incomplete {counts}"
+        rows.append([image["name"], image["target"]["mediaType"], image["target"]["digest"], status,
+                     f"{human_size(tree['present_bytes'])}/{human_size(tree['required_bytes'])}",
+                     str(_unpacked(client, tree["config"], args.snapshotter)).lower()])
+    _print_table(["REF", "TYPE", "DIGEST", "STATUS", "SIZE", "UNPACKED"], rows)
+    if failed:
+        raise SystemExit(1)
+
+
 def cmd_events(client: Client, args: argparse.Namespace) -> None:
     for envelope in client.subscribe(args.filters):
         if args.format == "json":
@@ -525,6 +677,31 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
         s_label = add(snap_sub, "label", cmd_snapshots_label, "set labels (an empty VALUE removes the label)")
         s_label.add_argument("key")
         s_label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+
+    images = commands.add_parser("images", aliases=["image", "i"], help="manage images")
+    if want("images", "image", "i"):
+        # One sub-command per action; registry and archive actions (pull, push, import, export) go here too.
+        img_sub = images.add_subparsers(dest="action", metavar="ACTION", required=True)
+        i_ls = add(img_sub, "ls", cmd_images_ls, "list images (size and platforms from the content store)", ["list"])
+        i_ls.add_argument("--quiet", "-q", action="store_true", help="print only the names")
+        i_ls.add_argument("--format", choices=["table", "json"], default="table")
+        i_ls.add_argument("filters", nargs="*", metavar="FILTER",
+                          help='e.g. name~="^docker.io/" or labels.env==prod or target.digest==sha256:...')
+        i_rm = add(img_sub, "rm", cmd_images_rm, "remove images (their blobs go at the next GC)",
+                   ["remove", "delete", "del"])
+        i_rm.add_argument("--sync", action="store_true", help="collect garbage before returning")
+        i_rm.add_argument("refs", nargs="+", metavar="REF")
+        i_tag = add(img_sub, "tag", cmd_images_tag, "name SRC's target (and labels) as each DST")
+        i_tag.add_argument("--force", "-f", action="store_true", help="replace a DST that exists")
+        i_tag.add_argument("source", metavar="SRC")
+        i_tag.add_argument("targets", nargs="+", metavar="DST")
+        i_label = add(img_sub, "label", cmd_images_label, "set labels (an empty VALUE removes the label)")
+        i_label.add_argument("ref", metavar="REF")
+        i_label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+        i_check = add(img_sub, "check", cmd_images_check,
+                      "is each image complete in the content store, and unpacked (default: every image)")
+        i_check.add_argument("--snapshotter", default="overlayfs", help="where to look for the unpacked image")
+        i_check.add_argument("refs", nargs="*", metavar="REF")
 
     events = add(commands, "events", cmd_events, "print events as they happen", ["event"])
     events.add_argument("--format", choices=["text", "json"], default="text")

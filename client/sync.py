@@ -477,6 +477,39 @@ class Client:
         """``[{type, id}]`` the lease holds. Raises: NotFound."""
         return self.call("leases.list_resources", {"id": lease_id})["resources"]  # type: ignore[no-any-return]
 
+    # ------------------------------------------------------------------ images
+
+    def images_get(self, name: str) -> dict[str, Any]:
+        """``{name, target, labels, created_at, updated_at}``; ``target`` is an OCI descriptor map
+        (``mediaType``, ``digest``, ``size``, ...). Raises: NotFound."""
+        return self.call("images.get", {"name": name})["image"]  # type: ignore[no-any-return]
+
+    def images_list(self, filters: list[str] | None = None) -> list[dict[str, Any]]:
+        """Images of the namespace matching any filter (``name``, ``target.digest``, ``target.mediatype``,
+        ``labels.<key>``), sorted by name. Raises: InvalidArgument (bad filter)."""
+        return self.call("images.list", {"filters": filters or []})["images"]  # type: ignore[no-any-return]
+
+    def images_create(self, name: str, target: dict[str, Any], labels: dict[str, str] | None = None, *,
+                      lease: str | None = None) -> dict[str, Any]:
+        """Create an image pointing at ``target`` (joining ``lease``). Raises: AlreadyExists, InvalidArgument."""
+        args = {"name": name, "target": target, "labels": labels or {}}
+        return self.call("images.create", args, lease=lease)["image"]  # type: ignore[no-any-return]
+
+    def images_update(self, name: str, *, labels: dict[str, str] | None = None, target: dict[str, Any] | None = None,
+                      update_mask: list[str] | None = None) -> dict[str, Any]:
+        """Change an image: mask ``labels`` replaces the labels, ``labels.<key>`` sets (or, when absent from
+        ``labels``, removes) one, ``target`` replaces the target; no mask replaces the labels (and the
+        target when given). Returns the image. Raises: NotFound, InvalidArgument."""
+        args: dict[str, Any] = {"name": name, "labels": labels or {}, "update_mask": update_mask or []}
+        if target is not None:
+            args["target"] = target
+        return self.call("images.update", args)["image"]  # type: ignore[no-any-return]
+
+    def images_delete(self, name: str, *, sync: bool = False, target: str = "") -> None:
+        """Delete an image (with ``sync``, garbage is collected before this returns; with ``target``, only if
+        it still points at that digest). Raises: NotFound, FailedPrecondition."""
+        self.call("images.delete", {"name": name, "sync": sync, "target": target})
+
 
 def _skip(source: BinaryIO, count: int, chunk_size: int) -> None:
     """Move ``source`` ``count`` bytes on: seek when it can, else read and drop.
