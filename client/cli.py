@@ -18,7 +18,7 @@
         events [--format json] [FILTER...]
 
 ``BERTH_ADDRESS`` and ``BERTH_NAMESPACE`` set the defaults of ``--address`` and ``--namespace``;
-``--lease`` makes content and snapshot commands work under that lease (docs/cli.md has every command).
+``--lease`` makes content, snapshot and image commands work under that lease (docs/cli.md has every command).
 Errors are one line on stderr, ``berth: <message> (<code>)``, and exit status 1 (2 for a bad command
 line).
 
@@ -377,11 +377,17 @@ def cmd_snapshots_label(client: Client, args: argparse.Namespace) -> None:
     sys.stdout.write(_format_labels(info["labels"]) + "\n")
 
 
-def _read_json(client: Client, digest: str) -> dict[str, Any] | None:
+#: Largest index, manifest or config the images commands read (the daemon's limit for configs).
+_MAX_DOCUMENT = 16 << 20
+
+
+def _read_json(client: Client, digest: str, size: int) -> dict[str, Any] | None:
     """The JSON object in blob ``digest``, or ``None`` when the namespace does not have it (or it is no JSON
-    object)."""
+    object, or bigger than an image document can be)."""
     import json
 
+    if size > _MAX_DOCUMENT:
+        return None
     try:
         value = json.loads(b"".join(client.content_read(digest)))
     except NotFound:
@@ -399,7 +405,7 @@ def _image_tree(client: Client, target: dict[str, Any]) -> dict[str, Any]:
 
     tree: dict[str, Any] = {"required": 1, "present": 0, "required_bytes": target["size"], "present_bytes": 0,
                             "size": None, "platforms": [], "config": None}
-    desc, document = target, _read_json(client, target["digest"])
+    desc, document = target, _read_json(client, target["digest"], target["size"])
     try:
         if document is None:
             return tree
@@ -416,7 +422,7 @@ def _image_tree(client: Client, target: dict[str, Any]) -> dict[str, Any]:
             desc = chosen[0]
             tree["required"] += 1
             tree["required_bytes"] += desc["size"]
-            document = _read_json(client, desc["digest"])
+            document = _read_json(client, desc["digest"], desc["size"])
             if document is None:
                 return tree
             tree["present"] += 1
@@ -434,7 +440,7 @@ def _image_tree(client: Client, target: dict[str, Any]) -> dict[str, Any]:
                 continue
             tree["present"] += 1
             tree["present_bytes"] += int(blob["size"])
-        config = _read_json(client, document["config"]["digest"])
+        config = _read_json(client, document["config"]["digest"], int(document["config"]["size"]))
         tree["config"] = config
         if config is not None and not tree["platforms"] and config.get("os") and config.get("architecture"):
             tree["platforms"] = [str(Platform.from_wire(config))]
@@ -484,7 +490,7 @@ def cmd_images_tag(client: Client, args: argparse.Namespace) -> None:
     source = client.images_get(args.source)
     for name in args.targets:
         try:
-            client.images_create(name, source["target"], source["labels"])
+            client.images_create(name, source["target"], source["labels"], lease=args.lease)
         except AlreadyExists:
             if not args.force:
                 raise AlreadyExists(f"image {name} already exists (--force replaces it)") from None
@@ -557,7 +563,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                         help=f"namespace to work in (default: $BERTH_NAMESPACE, else {DEFAULT_NAMESPACE})")
     parser.add_argument("--timeout", type=float, default=None, help="seconds each call may take")
     parser.add_argument("--lease", default=None, metavar="ID",
-                        help="run content and snapshot commands under this lease (what they create joins it)")
+                        help="run content, snapshot and image commands under this lease (what they create joins it)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def want(*names: str) -> bool:

@@ -18,6 +18,7 @@ import pytest
 import trio
 from conftest import BerthdProcess
 
+from berth.client import cli
 from berth.client.aio import open_client
 from berth.client.cli import human_size
 from berth.client.sync import Client
@@ -294,3 +295,25 @@ def test_async_client_image_calls_and_events(berthd: BerthdProcess) -> None:
         {"topic": "/images/update", "name": "aio", "labels": {}},
         {"topic": "/images/delete", "name": "aio"},
     ]
+
+
+def test_tag_under_a_lease_joins_it(berthd: BerthdProcess) -> None:
+    with berthd.client() as client:
+        client.images_create("src", {"mediaType": OCI_MANIFEST, "digest": sha(b"m"), "size": 1})
+        client.lease_create("tagging")
+    assert berthd.cli("--lease", "tagging", "images", "tag", "src", "dst").returncode == 0
+    with berthd.client() as client:
+        assert client.lease_resources("tagging") == [{"type": "images", "id": "dst"}]
+
+
+@pytest.mark.parametrize("argv", [
+    ["images", "ls", "-q", "labels.a", "name~=x"],
+    ["i", "rm", "--sync", "a", "b"],
+    ["-n", "x", "image", "tag", "-f", "a", "b", "c"],
+    ["--lease", "l", "images", "check", "--snapshotter", "native", "r"],
+    ["images", "label", "r", "a=", "b=c"],
+])
+def test_the_lazy_parser_parses_images_as_the_full_one(argv: list[str]) -> None:
+    command = cli._command_in(argv)
+    assert command in ("images", "image", "i")
+    assert vars(cli._parser(command).parse_args(argv)) == vars(cli._parser().parse_args(argv))
