@@ -231,6 +231,9 @@ def test_sync_client_image_calls(berthd: BerthdProcess) -> None:
     target = {"mediaType": OCI_MANIFEST, "digest": sha(b"manifest"), "size": 8}
     other = {"mediaType": OCI_INDEX, "digest": sha(b"index"), "size": 5}
     with berthd.client() as client:
+        plugins = {(p["type"], p["id"]): p["status"] for p in client.plugins()}
+        assert plugins[("io.berth.service.v1", "images-service")] == "ok"
+        assert plugins[("io.berth.rpc.v1", "images")] == "ok"
         created = client.images_create("img", target, {"a": "1"})
         assert created["name"] == "img"
         assert created["target"] == target
