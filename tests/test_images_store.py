@@ -150,7 +150,11 @@ async def test_bad_targets_and_labels_are_refused(env: Env) -> None:
         with pytest.raises(InvalidArgument, match="media type"):
             await env.images.create("x", Descriptor(media_type="", digest=sha(b"m"), size=1))
         with pytest.raises(InvalidArgument, match="invalid digest"):
-            Descriptor.from_wire({"mediaType": OCI_MANIFEST, "digest": "sha256:nothex", "size": 1})
+            await env.images.create("x", Descriptor(media_type=OCI_MANIFEST, digest="sha256:nothex", size=1))
+        with pytest.raises(InvalidArgument, match="non-negative integer size"):
+            await env.images.create("x", Descriptor(media_type=OCI_MANIFEST, digest=sha(b"m"), size=-1))
+        with pytest.raises(InvalidArgument, match="invalid digest"):
+            await env.images.update("x", target=Descriptor(media_type=OCI_MANIFEST, digest="md5:0", size=1))
         with pytest.raises(InvalidArgument, match="exceed 4096 bytes"):
             await env.images.create("x", desc(b"m"), {"k": "v" * 4096})
         with pytest.raises(InvalidArgument, match="invalid digest"):

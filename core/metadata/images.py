@@ -57,12 +57,14 @@ def validate_image_name(name: Any) -> str:
 
 
 def validate_target(target: Descriptor) -> Descriptor:
-    """Return ``target`` if it can be an image's target (a media type is set; the digest and size were
-    checked when the descriptor was decoded).
+    """Return ``target`` if it can be an image's target: a media type, a valid digest, a size >= 0.
 
     Raises:
         InvalidArgument
     """
+    validate_digest(target.digest)
+    if isinstance(target.size, bool) or not isinstance(target.size, int) or target.size < 0:
+        raise InvalidArgument(f"image target {target.digest} must have a non-negative integer size")
     if not target.media_type:
         raise InvalidArgument(f"image target {target.digest} must have a media type")
     return target
