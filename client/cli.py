@@ -510,6 +510,9 @@ def cmd_images_label(client: Client, args: argparse.Namespace) -> None:
 
 
 def cmd_images_check(client: Client, args: argparse.Namespace) -> None:
+    loaded = sorted(p["id"] for p in client.plugins(["type==io.berth.snapshotter.v1,status==ok"]))
+    if args.snapshotter not in loaded:
+        raise NotFound(f"snapshotter {args.snapshotter!r} is not loaded (loaded: {', '.join(loaded) or 'none'})")
     images: list[dict[str, Any]] = []
     failed = False
     for ref in args.refs:

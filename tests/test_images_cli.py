@@ -222,6 +222,9 @@ def test_bad_input_is_one_error_line(berthd: BerthdProcess) -> None:
     assert result.returncode == 1
     assert result.stderr == "berth: image nope not found (not_found)\n"
     assert table(result.stdout)["src"][0] == "src"
+    unknown = fails(berthd, "check", "--snapshotter", "nope")
+    assert unknown.startswith("berth: snapshotter 'nope' is not loaded (loaded: ")
+    assert "overlayfs" in unknown
     usage = berthd.cli("images", "rm")
     assert usage.returncode == 2
     assert "REF" in usage.stderr
