@@ -237,6 +237,32 @@ class AsyncClient:
     async def images_delete(self, name: str, *, sync: bool = False, target: str = "") -> None:
         await self.call("images.delete", {"name": name, "sync": sync, "target": target})
 
+    # ------------------------------------------------------------------ containers (as the sync client's)
+
+    async def containers_get(self, container_id: str, *, namespace: str | None = None) -> dict[str, Any]:
+        result = await self.call("containers.get", {"id": container_id}, namespace=namespace)
+        return result["container"]  # type: ignore[no-any-return]
+
+    async def containers_list(self, filters: list[str] | None = None, *,
+                              namespace: str | None = None) -> list[dict[str, Any]]:
+        result = await self.call("containers.list", {"filters": filters or []}, namespace=namespace)
+        return result["containers"]  # type: ignore[no-any-return]
+
+    async def containers_create(self, container: dict[str, Any], *,
+                                namespace: str | None = None) -> dict[str, Any]:
+        result = await self.call("containers.create", {"container": container}, namespace=namespace)
+        return result["container"]  # type: ignore[no-any-return]
+
+    async def containers_update(self, container: dict[str, Any], update_mask: list[str] | None = None, *,
+                                namespace: str | None = None) -> dict[str, Any]:
+        args = {"container": container, "update_mask": update_mask or []}
+        return (await self.call("containers.update", args, namespace=namespace))["container"]  # type: ignore[no-any-return]
+
+    async def containers_delete(self, container_id: str, *, snapshot_cleanup: bool = False,
+                                namespace: str | None = None) -> None:
+        await self.call("containers.delete", {"id": container_id, "snapshot_cleanup": snapshot_cleanup},
+                        namespace=namespace)
+
 
 @asynccontextmanager
 async def open_client(

@@ -15,6 +15,8 @@
         snapshots [--snapshotter S] ls | prepare | view | mounts | commit | rm | info | usage | tree | label
         images ls [-q] [--format table|json] [FILTER...] | rm [--sync] REF... | tag [--force] SRC DST... |
                label REF [KEY=VALUE...] | check [--snapshotter S] [REF...]
+        containers ls [-q] [--format table|json] [FILTER...] | info ID | rm [--snapshot-cleanup] ID... |
+                   label ID [KEY=VALUE...]
         events [--format json] [FILTER...]
 
 ``BERTH_ADDRESS`` and ``BERTH_NAMESPACE`` set the defaults of ``--address`` and ``--namespace``;
@@ -536,6 +538,35 @@ def cmd_images_check(client: Client, args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_containers_ls(client: Client, args: argparse.Namespace) -> None:
+    containers = client.containers_list(args.filters)
+    if args.quiet:
+        sys.stdout.writelines(c["id"] + "\n" for c in containers)
+    elif args.format == "json":
+        _print_json(containers)
+    else:
+        _print_table(["CONTAINER", "IMAGE", "RUNTIME"],
+                     [[c["id"], c["image"] or "-", c["runtime"]["name"]] for c in containers])
+
+
+def cmd_containers_info(client: Client, args: argparse.Namespace) -> None:
+    _print_json(client.containers_get(args.id))
+
+
+def cmd_containers_rm(client: Client, args: argparse.Namespace) -> None:
+    _remove_each(args.ids, lambda cid: client.containers_delete(cid, snapshot_cleanup=args.snapshot_cleanup))
+
+
+def cmd_containers_label(client: Client, args: argparse.Namespace) -> None:
+    labels = _parse_labels(args.labels)
+    if not labels:  # no mask would replace every label: show them instead
+        container = client.containers_get(args.id)
+    else:
+        container = client.containers_update({"id": args.id, "labels": {k: v for k, v in labels.items() if v}},
+                                              [f"labels.{key}" for key in labels])
+    sys.stdout.write(_format_labels(container["labels"]) + "\n")
+
+
 def cmd_events(client: Client, args: argparse.Namespace) -> None:
     for envelope in client.subscribe(args.filters):
         if args.format == "json":
@@ -711,6 +742,23 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                       "is each image complete in the content store, and unpacked (default: every image)")
         i_check.add_argument("--snapshotter", default="overlayfs", help="where to look for the unpacked image")
         i_check.add_argument("refs", nargs="*", metavar="REF")
+
+    containers = commands.add_parser("containers", aliases=["container", "c"], help="manage containers")
+    if want("containers", "container", "c"):
+        c_sub = containers.add_subparsers(dest="action", metavar="ACTION", required=True)
+        co_ls = add(c_sub, "ls", cmd_containers_ls, "list containers", ["list"])
+        co_ls.add_argument("--quiet", "-q", action="store_true", help="print only the ids")
+        co_ls.add_argument("--format", choices=["table", "json"], default="table")
+        co_ls.add_argument("filters", nargs="*", metavar="FILTER", help="e.g. image==docker.io/library/busybox:latest")
+        co_info = add(c_sub, "info", cmd_containers_info, "print a container (with its spec) as JSON")
+        co_info.add_argument("id")
+        co_rm = add(c_sub, "rm", cmd_containers_rm, "remove containers", ["remove", "delete", "del"])
+        co_rm.add_argument("--snapshot-cleanup", action=argparse.BooleanOptionalAction, default=True,
+                           help="remove the container's snapshot too (default: yes)")
+        co_rm.add_argument("ids", nargs="+", metavar="ID")
+        co_label = add(c_sub, "label", cmd_containers_label, "set labels (an empty VALUE removes the label)")
+        co_label.add_argument("id")
+        co_label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
 
     events = add(commands, "events", cmd_events, "print events as they happen", ["event"])
     events.add_argument("--format", choices=["text", "json"], default="text")

@@ -57,7 +57,7 @@ from berth.core.rpc.protocol import (
     pack,
 )
 
-__all__ = ["DEFAULT_ADDRESS", "Client", "default_address", "default_namespace"]
+__all__ = ["DEFAULT_ADDRESS", "DEFAULT_NAMESPACE", "Client", "default_address", "default_namespace"]
 
 DEFAULT_ADDRESS = "/run/berth/berth.sock"
 #: Most writes :meth:`Client.content_ingest` keeps in flight: their unread answers must fit in the
@@ -509,6 +509,42 @@ class Client:
         """Delete an image (with ``sync``, garbage is collected before this returns; with ``target``, only if
         it still points at that digest). Raises: NotFound, FailedPrecondition."""
         self.call("images.delete", {"name": name, "sync": sync, "target": target})
+
+    # ------------------------------------------------------------------ containers
+
+    def containers_get(self, container_id: str, *, namespace: str | None = None) -> dict[str, Any]:
+        """``{id, labels, image, runtime: {name, options}, spec, snapshotter, snapshot_key, extensions,
+        created_at, updated_at}``. Raises: NotFound."""
+        return self.call("containers.get", {"id": container_id}, namespace=namespace)["container"]  # type: ignore[no-any-return]
+
+    def containers_list(self, filters: list[str] | None = None, *,
+                        namespace: str | None = None) -> list[dict[str, Any]]:
+        """Containers of the namespace matching any filter (``id``, ``image``, ``runtime.name``,
+        ``labels.<key>``, ``snapshotter``, ``snapshot_key``), by id. Raises: InvalidArgument."""
+        result = self.call("containers.list", {"filters": filters or []}, namespace=namespace)
+        return result["containers"]  # type: ignore[no-any-return]
+
+    def containers_create(self, container: dict[str, Any], *, namespace: str | None = None) -> dict[str, Any]:
+        """Record a container (``id``, ``runtime.name`` and ``spec`` required; see :meth:`containers_get` for
+        the fields) and return it. Starts nothing. Raises: AlreadyExists, InvalidArgument."""
+        return self.call("containers.create", {"container": container},  # type: ignore[no-any-return]
+                         namespace=namespace)["container"]
+
+    def containers_update(self, container: dict[str, Any], update_mask: list[str] | None = None, *,
+                          namespace: str | None = None) -> dict[str, Any]:
+        """Change the container ``container["id"]``: each mask path (``labels``, ``labels.<key>``, ``image``,
+        ``spec``, ``snapshot_key``, ``runtime``, ``runtime.options``, ``extensions[.<key>]``) takes that field
+        from ``container``; no mask replaces labels, spec, extensions, image and snapshot_key. Returns the
+        container. Raises: NotFound, InvalidArgument."""
+        args = {"container": container, "update_mask": update_mask or []}
+        return self.call("containers.update", args, namespace=namespace)["container"]  # type: ignore[no-any-return]
+
+    def containers_delete(self, container_id: str, *, snapshot_cleanup: bool = False,
+                          namespace: str | None = None) -> None:
+        """Delete a container; with ``snapshot_cleanup``, its snapshot too (the disk space goes at the next
+        garbage collection). Raises: NotFound."""
+        self.call("containers.delete", {"id": container_id, "snapshot_cleanup": snapshot_cleanup},
+                  namespace=namespace)
 
 
 def _skip(source: BinaryIO, count: int, chunk_size: int) -> None:
