@@ -176,6 +176,7 @@ class Extractor:
         self._opaque_xattr = xattr_prefix + "opaque"
         self._allow_devices = allow_devices
         self._cache: dict[tuple[str, ...], int] = {}
+        self._retired: list[int] = []
         self._dir_times: list[_Times] = []
         self._written: set[tuple[str, ...]] = set()
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -185,14 +186,21 @@ class Extractor:
     def close(self) -> None:
         """Close every descriptor (idempotent)."""
         self._drop_cache()
+        self._close_retired()
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
 
     def _drop_cache(self) -> None:
-        for fd in self._cache.values():
-            os.close(fd)
+        """Forget every cached directory (after a removal or replacement). The descriptors may still be
+        in use by the entry being applied, so they are closed only when it is done."""
+        self._retired.extend(self._cache.values())
         self._cache.clear()
+
+    def _close_retired(self) -> None:
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
 
     def run(self, source: TarSource) -> int:
         """Extract every entry of the tar stream, then read the stream to its end; returns the entry count.
@@ -216,7 +224,10 @@ class Extractor:
                     break
                 archive.members.clear()  # type: ignore[attr-defined]  # TarFile keeps every member otherwise
                 count += 1
-                self._entry(archive, source, member)
+                try:
+                    self._entry(archive, source, member)
+                finally:
+                    self._close_retired()
             self._finish_dir_times()
         finally:
             self.close()
@@ -256,7 +267,7 @@ class Extractor:
             return self._dir_fd(resolved, create, hops + 1)
         if len(self._cache) >= _MAX_CACHED_DIRS:
             oldest = next(iter(self._cache))
-            os.close(self._cache.pop(oldest))
+            self._retired.append(self._cache.pop(oldest))
         self._cache[parts] = fd
         return fd
 
@@ -468,10 +479,10 @@ class Extractor:
             raise _EntryError(f"whiteout of {name!r} is not allowed")
         if self._overlay:
             parent = self._dir_fd(directory, create=True)
-            try:
-                os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=parent)
-            except FileExistsError:
-                self._make_room(parent, name, keep_dir=False)
+            self._make_room(parent, name, keep_dir=False)
+            # A whiteout only matters over a lower entry; over nothing it would show as a device in
+            # directories overlayfs does not merge.
+            if any(_lstat_below(lower, (*directory, name)) is not None for lower in self._lowers):
                 os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(0, 0), dir_fd=parent)
             return
         try:
@@ -501,17 +512,29 @@ class Extractor:
             except (FileNotFoundError, _EntryError):
                 continue  # replaced or deleted by a later entry
             os.utime(fd, ns=(times.atime_ns, times.mtime_ns))
+            self._close_retired()
+
+
+def _pax_ns(text: str | None) -> int | None:
+    """A PAX time record (``seconds[.fraction]``) in nanoseconds, exactly; None when absent or malformed."""
+    if text is None:
+        return None
+    seconds, _, fraction = text.partition(".")
+    try:
+        whole = int(seconds)
+        nanos = int((fraction + "000000000")[:9]) if fraction else 0
+    except ValueError:
+        return None
+    return whole * 1_000_000_000 - nanos if seconds.startswith("-") else whole * 1_000_000_000 + nanos
 
 
 def _times(member: tarfile.TarInfo) -> tuple[int, int]:
-    mtime = int(member.mtime * 1_000_000_000)
-    atime_text = member.pax_headers.get("atime")
-    if atime_text is not None:
-        try:
-            return int(float(atime_text) * 1_000_000_000), mtime
-        except ValueError:
-            pass
-    return mtime, mtime
+    """(atime, mtime) in nanoseconds: the PAX records when present (exact), else the header's seconds."""
+    mtime = _pax_ns(member.pax_headers.get("mtime"))
+    if mtime is None:
+        mtime = int(member.mtime) * 1_000_000_000
+    atime = _pax_ns(member.pax_headers.get("atime"))
+    return (mtime if atime is None else atime), mtime
 
 
 def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:

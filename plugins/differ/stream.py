@@ -40,7 +40,8 @@ class BytePipe:
     """A bounded FIFO of byte chunks from one producer to one consumer.
 
     ``put`` (thread) and ``aput`` (trio) block while more than ``limit`` bytes are queued; ``read``
-    (thread) blocks until data, end of stream or an abort arrives.
+    (thread) and ``aread`` (trio) wait until data, end of stream or an abort arrives. The trio side is
+    woken through ``token`` (needed when either side is async).
     """
 
     def __init__(self, limit: int, token: trio.lowlevel.TrioToken | None = None) -> None:
@@ -52,6 +53,7 @@ class BytePipe:
         self._closed = False
         self._aborted = False
         self._space: trio.Event | None = None
+        self._data: trio.Event | None = None
 
     def put(self, data: bytes | memoryview) -> None:
         """Queue ``data`` from a thread, waiting for room. Raises PipeAborted after :meth:`abort`."""
@@ -65,6 +67,9 @@ class BytePipe:
             self._chunks.append(data)
             self._size += len(data)
             self._cond.notify_all()
+            waiting, self._data = self._data, None
+        if waiting is not None:
+            self._wake(waiting)
 
     async def aput(self, data: bytes | memoryview) -> None:
         """Queue ``data`` from trio, waiting (without blocking the loop) for room.
@@ -90,6 +95,9 @@ class BytePipe:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            waiting, self._data = self._data, None
+        if waiting is not None:
+            self._wake(waiting)
 
     def abort(self) -> None:
         """Wake every waiter with PipeAborted (idempotent)."""
@@ -99,8 +107,10 @@ class BytePipe:
             self._size = 0
             self._cond.notify_all()
             space, self._space = self._space, None
-        if space is not None and self._token is not None:
-            self._wake(space)
+            waiting, self._data = self._data, None
+        for event in (space, waiting):
+            if event is not None and self._token is not None:
+                self._wake(event)
 
     def read(self) -> bytes | memoryview:
         """The next chunk, or ``b""`` at end of stream. Blocks. Raises PipeAborted after :meth:`abort`."""
@@ -120,6 +130,22 @@ class BytePipe:
         if space is not None:
             self._wake(space)
         return data
+
+    async def aread(self) -> bytes | memoryview:
+        """The next chunk, or ``b""`` at end of stream, waiting in trio. Raises PipeAborted after :meth:`abort`."""
+        while True:
+            with self._cond:
+                if self._aborted:
+                    raise PipeAborted
+                if self._chunks:
+                    data = self._chunks.popleft()
+                    self._size -= len(data)
+                    self._cond.notify_all()
+                    return data
+                if self._closed:
+                    return b""
+                waiting = self._data = trio.Event()
+            await waiting.wait()
 
     def _wake(self, event: trio.Event) -> None:
         assert self._token is not None
