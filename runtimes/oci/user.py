@@ -93,9 +93,12 @@ def read_in_root(root: Path, path: str) -> str | None:
 
     Raises:
         InvalidArgument: the file is larger than :data:`MAX_FILE_SIZE` or a symlink loops.
+        NotFound: ``root`` itself does not exist.
     """
     try:
         fd = _open_in_root(root, path)
+    except FileNotFoundError:
+        raise NotFound(f"rootfs {root} does not exist") from None
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise InvalidArgument(f"cannot read /{path.lstrip('/')} in the rootfs: symlink loop") from None
