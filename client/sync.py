@@ -30,7 +30,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from berth.core.errdefs import (
@@ -509,6 +509,76 @@ class Client:
         """Delete an image (with ``sync``, garbage is collected before this returns; with ``target``, only if
         it still points at that digest). Raises: NotFound, FailedPrecondition."""
         self.call("images.delete", {"name": name, "sync": sync, "target": target})
+
+    # ------------------------------------------------------------------ transfer (pull, push, import, export)
+
+    def call_streaming(self, method: str, args: dict[str, Any] | None = None, *,
+                       on_item: Callable[[Any], object], lease: str | None = None,
+                       timeout: float | None = None) -> Any:
+        """Call a streaming method, hand each item to ``on_item``, and return the call's result.
+
+        Raises: BerthError, the daemon's error; an exception from ``on_item`` cancels the call.
+        """
+        msgid = self._start(method, args, None, lease, timeout)
+        finished = False
+        try:
+            for final, value in self._messages(msgid):
+                if final:
+                    finished = True
+                    return value
+                on_item(value)
+        except BerthError:
+            finished = True
+            raise
+        finally:
+            if not finished and self._sock is not None:
+                self._cancel(msgid)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def images_pull(self, reference: str, *, platform: str = "", all_platforms: bool = False, snapshotter: str = "",
+                    unpack: bool = True, plain_http: bool = False,
+                    progress: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+        """Pull (and unpack) an image in the daemon. ``progress`` gets batches of ``{ref, status, offset,
+        total}``. Returns ``{name, target, chain_id, fetched, fetched_bytes, skipped, unpacked_layers, seconds}``.
+
+        Raises: InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable, FailedPrecondition.
+        """
+        args = {"reference": reference, "platform": platform, "all_platforms": all_platforms,
+                "snapshotter": snapshotter, "unpack": unpack, "plain_http": plain_http}
+        return self.call_streaming("transfer.pull", args,  # type: ignore[no-any-return]
+                                   on_item=lambda item: progress(item["progress"]) if progress else None)
+
+    def images_push(self, name: str, destination: str = "", *, plain_http: bool = False,
+                    progress: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+        """Push an image (to ``destination``, default its own name). Returns ``{name, target, pushed,
+        pushed_bytes, skipped, mounted, seconds}``. Raises: NotFound, the registry's errors."""
+        args = {"name": name, "destination": destination, "plain_http": plain_http}
+        return self.call_streaming("transfer.push", args,  # type: ignore[no-any-return]
+                                   on_item=lambda item: progress(item["progress"]) if progress else None)
+
+    def images_import(self, source: BinaryIO, *, base_name: str = "", snapshotter: str = "",
+                      unpack: bool = True) -> dict[str, Any]:
+        """Upload an OCI layout or ``docker save`` tarball and import it. The upload runs under a lease of
+        its own (released at the end, so the archive blob itself is garbage afterwards). Returns ``{images:
+        [{name, target, chain_id}], unnamed: [descriptor], blobs}``. Raises: InvalidArgument (not an archive)."""
+        import uuid
+
+        lease_id = f"import-{uuid.uuid4().hex[:16]}"
+        self.lease_create(lease_id, {"berth.io/import": "archive"}, expires_in=24 * 3600)
+        try:
+            uploaded = self.content_ingest(f"import-archive-{lease_id}", source, lease=lease_id)
+            args = {"digest": uploaded["digest"], "base_name": base_name, "snapshotter": snapshotter,
+                    "unpack": unpack}
+            return self.call("transfer.import", args, lease=lease_id)  # type: ignore[no-any-return]
+        finally:
+            self.lease_delete(lease_id)
+
+    def images_export(self, names: list[str], sink: BinaryIO) -> int:
+        """Write an OCI image layout tarball of the images ``names`` to ``sink``; returns its size.
+        Raises: NotFound (an unknown image or a missing blob)."""
+        result = self.call_streaming("transfer.export", {"names": names},
+                                     on_item=lambda item: sink.write(item["data"]))
+        return int(result["size"])
 
     # ------------------------------------------------------------------ containers
 

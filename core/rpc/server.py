@@ -85,6 +85,20 @@ _RECEIVE_SIZE = 256 * 1024
 _SEND_GRACE = 5.0
 
 
+def first_berth_error(err: BaseException) -> BerthError | None:
+    """The error a caller should see when a handler's nurseries wrapped berth errors in exception groups:
+    the first :class:`BerthError` of a group whose every leaf is one (several tasks failing for the same
+    cause, say), else ``None`` (a bug: reported as Internal)."""
+    if isinstance(err, BerthError):
+        return err
+    if not isinstance(err, BaseExceptionGroup):
+        return None
+    leaves = [first_berth_error(inner) for inner in err.exceptions]
+    if not leaves or any(leaf is None for leaf in leaves):
+        return None
+    return leaves[0]
+
+
 def streaming(handler: H) -> H:
     """Mark a handler as a server stream (it sends items with :meth:`Call.send` until it returns).
 
@@ -433,8 +447,10 @@ class RPCServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # the peer has gone while we streamed to it
         except Exception as err:
-            log.exception("rpc_handler_failed", method=call.method)
-            error = Internal(f"{call.method} failed: {type(err).__name__}: {err}")
+            error = first_berth_error(err)
+            if error is None:
+                log.exception("rpc_handler_failed", method=call.method)
+                error = Internal(f"{call.method} failed: {type(err).__name__}: {err}")
         finally:
             if counted:
                 self.active_requests -= 1
