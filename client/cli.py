@@ -14,7 +14,9 @@
                create [--id ID] [--expires DURATION] [--label K=V]... [KEY=VALUE...] | rm [--sync] ID...
         snapshots [--snapshotter S] ls | prepare | view | mounts | commit | rm | info | usage | tree | label
         images ls [-q] [--format table|json] [FILTER...] | rm [--sync] REF... | tag [--force] SRC DST... |
-               label REF [KEY=VALUE...] | check [--snapshotter S] [REF...]
+               label REF [KEY=VALUE...] | check [--snapshotter S] [REF...] |
+               pull [--plain-http] [--platform P | --all-platforms] [--snapshotter S] [--no-unpack] REF |
+               push [--plain-http] REF [DEST] | import [--base-name N] [--no-unpack] FILE | export FILE REF...
         containers ls [-q] [--format table|json] [FILTER...] | info ID | rm [--snapshot-cleanup] ID... |
                    label ID [KEY=VALUE...]
         events [--format json] [FILTER...]
@@ -538,6 +540,58 @@ def cmd_images_check(client: Client, args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def cmd_images_pull(client: Client, args: argparse.Namespace) -> None:
+    from berth.client.progress import ProgressDisplay
+
+    with ProgressDisplay() as display:
+        result = client.images_pull(args.ref, platform=args.platform, all_platforms=args.all_platforms,
+                                    snapshotter=args.snapshotter, unpack=not args.no_unpack,
+                                    plain_http=args.plain_http, progress=display.update)
+    unpacked = f", unpacked {result['chain_id']}" if result["chain_id"] else ""
+    sys.stdout.write(f"{result['name']}: {result['target']['digest']} ({result['fetched']} blobs fetched, "
+                     f"{human_size(result['fetched_bytes'])}, {result['skipped']} present{unpacked}) "
+                     f"in {result['seconds']:.2f}s\n")
+
+
+def cmd_images_push(client: Client, args: argparse.Namespace) -> None:
+    from berth.client.progress import ProgressDisplay
+
+    with ProgressDisplay() as display:
+        result = client.images_push(args.ref, args.destination or "", plain_http=args.plain_http,
+                                    progress=display.update)
+    sys.stdout.write(f"{result['name']}: {result['target']['digest']} ({result['pushed']} pushed, "
+                     f"{result['mounted']} mounted, {result['skipped']} present) in {result['seconds']:.2f}s\n")
+
+
+def cmd_images_import(client: Client, args: argparse.Namespace) -> None:
+    source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    try:
+        result = client.images_import(source, base_name=args.base_name, snapshotter=args.snapshotter,
+                                      unpack=not args.no_unpack)
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    for image in result["images"]:
+        sys.stdout.write(f"{image['name']}: {image['target']['digest']}\n")
+    for desc in result["unnamed"]:
+        sys.stderr.write(f"berth: {desc['digest']} has no name in the archive (use --base-name); imported as "
+                         "content only\n")
+
+
+def cmd_images_export(client: Client, args: argparse.Namespace) -> None:
+    if args.file == "-":
+        client.images_export(args.refs, sys.stdout.buffer)
+        return
+    temporary = f"{args.file}.partial"
+    try:
+        with open(temporary, "wb") as sink:
+            client.images_export(args.refs, sink)
+        os.replace(temporary, args.file)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
 def cmd_containers_ls(client: Client, args: argparse.Namespace) -> None:
     containers = client.containers_list(args.filters)
     if args.quiet:
@@ -742,6 +796,27 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
                       "is each image complete in the content store, and unpacked (default: every image)")
         i_check.add_argument("--snapshotter", default="overlayfs", help="where to look for the unpacked image")
         i_check.add_argument("refs", nargs="*", metavar="REF")
+        i_pull = add(img_sub, "pull", cmd_images_pull, "fetch an image from its registry and unpack it")
+        i_pull.add_argument("--plain-http", action="store_true", help="plain HTTP (loopback registries only)")
+        platforms = i_pull.add_mutually_exclusive_group()
+        platforms.add_argument("--platform", default="", help="os/arch[/variant] (default: this machine's)")
+        platforms.add_argument("--all-platforms", action="store_true", help="fetch every platform's content")
+        i_pull.add_argument("--snapshotter", default="", help="unpack into this snapshotter (default: configured)")
+        i_pull.add_argument("--no-unpack", action="store_true", help="fetch the content only")
+        i_pull.add_argument("ref", metavar="REF")
+        i_push = add(img_sub, "push", cmd_images_push, "push an image (to DEST, default its own name)")
+        i_push.add_argument("--plain-http", action="store_true", help="plain HTTP (loopback registries only)")
+        i_push.add_argument("ref", metavar="REF")
+        i_push.add_argument("destination", nargs="?", metavar="DEST")
+        i_import = add(img_sub, "import", cmd_images_import,
+                       "import an OCI image layout or docker-save tarball (- for stdin)")
+        i_import.add_argument("--base-name", default="", help="name images whose archive gives only a tag")
+        i_import.add_argument("--snapshotter", default="", help="unpack into this snapshotter")
+        i_import.add_argument("--no-unpack", action="store_true", help="import the content only")
+        i_import.add_argument("file", metavar="FILE")
+        i_export = add(img_sub, "export", cmd_images_export, "write images as an OCI image layout tarball")
+        i_export.add_argument("file", metavar="FILE", help="the tarball to write (- for stdout)")
+        i_export.add_argument("refs", nargs="+", metavar="REF")
 
     containers = commands.add_parser("containers", aliases=["container", "c"], help="manage containers")
     if want("containers", "container", "c"):

@@ -222,3 +222,31 @@ def test_import_refuses_what_is_not_an_archive(client: Client) -> None:
 
     with pytest.raises(InvalidArgument):
         client.images_import(io.BytesIO(b"not a tar file at all" * 100))
+
+
+def test_cli_pull_push_export_import(daemon: BerthdProcess, registry_images: PushedImages,
+                                     registry: RegistryServer, tmp_path: Path) -> None:
+    ref = registry_images.ref("busybox")
+    pulled = daemon.cli("images", "pull", "--plain-http", ref)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.startswith(f"{ref}: {registry_images.images['busybox'].descriptor.digest}")
+    assert "layer-" in pulled.stderr and ": done" in pulled.stderr  # plain progress lines off a terminal
+    checked = daemon.cli("images", "check", ref)
+    assert "complete" in checked.stdout
+    assert "true" in checked.stdout.lower() or "yes" in checked.stdout.lower()
+    pushed = daemon.cli("images", "push", "--plain-http", ref, registry.ref("cli-pushed", "v1"))
+    assert pushed.returncode == 0, pushed.stderr
+    archive = tmp_path / "out.tar"
+    exported = daemon.cli("images", "export", str(archive), ref)
+    assert exported.returncode == 0, exported.stderr
+    assert not Path(f"{archive}.partial").exists()
+    imported = daemon.cli("--namespace", "other", "images", "import", str(archive))
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == f"{ref}: {registry_images.images['busybox'].descriptor.digest}"
+    missing = daemon.cli("images", "export", str(tmp_path / "none.tar"), "no/such:image")
+    assert missing.returncode == 1
+    assert "not_found" in missing.stderr
+    assert not (tmp_path / "none.tar").exists()
+    bad = daemon.cli("images", "pull", "--plain-http", "UPPER/case")
+    assert bad.returncode == 1
+    assert "invalid_argument" in bad.stderr
