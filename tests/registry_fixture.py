@@ -192,6 +192,7 @@ class TokenServer:
 
     def close(self) -> None:
         """Stop serving (idempotent)."""
+        self.release.set()
         if self._thread.is_alive():
             self._server.shutdown()
             self._thread.join(STOP_TIMEOUT)
@@ -435,7 +436,9 @@ class FaultyProxy:
     closes); ``corrupt_blobs`` / ``corrupt_manifests`` flip one byte in every blob / manifest body (GET);
     ``override_headers`` replace response headers (``{"content-type": ...}``); ``ignore_range`` serve blobs whole,
     ignoring ``Range``; ``drop_headers`` leave these (lower-case) response headers out (e.g.
-    ``docker-content-digest``). ``requests`` logs ``(method, path, range)`` of everything received.
+    ``docker-content-digest``); ``stall_blob`` (a digest): send ``stall_after`` bytes of that blob, then hold
+    the connection until ``release`` is set (a download caught mid-way, for kill-and-resume tests).
+    ``requests`` logs ``(method, path, range)`` of everything received.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -451,6 +454,9 @@ class FaultyProxy:
         self.override_headers: dict[str, str] = {}
         self.ignore_range = False
         self.drop_headers: set[str] = set()
+        self.stall_blob = ""
+        self.stall_after = 0
+        self.release = threading.Event()
         self.requests: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         self._server = _QuietServer(("127.0.0.1", 0), self._handler())
@@ -460,6 +466,7 @@ class FaultyProxy:
         self._thread.start()
 
     def close(self) -> None:
+        self.release.set()
         if self._thread.is_alive():
             self._server.shutdown()
             self._thread.join(STOP_TIMEOUT)
@@ -529,6 +536,13 @@ class FaultyProxy:
                     self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 if self.command == "HEAD":
+                    return
+                if is_blob and proxy.stall_blob and self.path.endswith(proxy.stall_blob) and status in (200, 206):
+                    self.wfile.write(payload[: proxy.stall_after])
+                    self.wfile.flush()
+                    proxy.release.wait(STOP_TIMEOUT * 6)
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if cut:
                     self.wfile.write(payload[: proxy.cut_after])

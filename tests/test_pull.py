@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -250,3 +251,63 @@ def test_cli_pull_push_export_import(daemon: BerthdProcess, registry_images: Pus
     bad = daemon.cli("images", "pull", "--plain-http", "UPPER/case")
     assert bad.returncode == 1
     assert "invalid_argument" in bad.stderr
+
+
+def test_pull_killed_mid_download_resumes_without_fetching_finished_blobs(
+        berthd_factory: BerthdFactory, registry: RegistryServer, faulty_proxy_factory: Any, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from imagebuild import file, make_image, make_layer, skopeo_copy, write_oci_layout
+
+    small = [make_layer([file(f"small{i}", os.urandom(64 << 10))]) for i in range(2)]
+    big = make_layer([file("big", os.urandom(8 << 20))], "")
+    image = make_image([*small, big])
+    skopeo_copy(write_oci_layout(tmp_path / "layout", {"v1": image}), "v1", registry.ref("resume", "v1"))
+    proxy = faulty_proxy_factory.start(registry.host)
+    proxy.stall_blob, proxy.stall_after = big.blob.digest, 3 << 20
+    daemon = berthd_factory.start(name="resume")
+    failures: list[BaseException] = []
+
+    def pull() -> None:
+        try:
+            with daemon.client(timeout=120.0) as client:
+                client.images_pull(f"{proxy.host}/resume:v1", plain_http=True)
+        except BaseException as err:  # the daemon is killed under it
+            failures.append(err)
+
+    thread = threading.Thread(target=pull)
+    thread.start()
+    with daemon.client() as watcher:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            statuses = watcher.call("content.list_statuses", {})["statuses"]
+            done = all(_has_blob(watcher, layer.blob.digest) for layer in small)
+            if done and any(s["ref"] == f"layer-{big.blob.digest}" and s["offset"] >= 2 << 20 for s in statuses):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the pull never reached the stalled layer")
+    daemon.stop(signal.SIGKILL)
+    proxy.release.set()
+    thread.join(60)
+    assert failures  # the pull did not finish
+    proxy.stall_blob = ""
+    proxy.requests.clear()
+    restarted = berthd_factory.start(name="resume")
+    with restarted.client(timeout=120.0) as client:
+        result = client.images_pull(f"{proxy.host}/resume:v1", plain_http=True)
+    assert result["chain_id"] == chain_ids([layer.diff_id for layer in image.layers])[-1]
+    blob_gets = [(path, byte_range) for method, path, byte_range in proxy.requests
+                 if method == "GET" and "/blobs/" in path]
+    assert [path for path, _ in blob_gets] == [f"/v2/resume/blobs/{big.blob.digest}"]  # nothing else again
+    assert blob_gets[0][1].startswith("bytes=")
+    assert int(blob_gets[0][1].removeprefix("bytes=").split("-")[0]) >= 2 << 20  # resumed, not restarted
+
+
+def _has_blob(client: Client, digest: str) -> bool:
+    try:
+        client.call("content.info", {"digest": digest})
+    except NotFound:
+        return False
+    return True
