@@ -470,3 +470,21 @@ def test_runc_pids_limit_stops_a_fork_bomb(runc: Runc) -> None:
     assert "finished" not in result.stdout
     unlimited = runc.run("nopids", SpecOptions(args=["for i in $(seq 40); do true & done; wait; echo finished"]))
     assert (unlimited.returncode, unlimited.stdout) == (0, "finished\n"), unlimited.stderr
+
+
+@needs_runc
+def test_runc_memory_and_cpu_limits_reach_the_cgroup(runc: Runc) -> None:
+    # cgroup v1 (this host's hybrid layout) or v2: the container sees its own cgroup at /sys/fs/cgroup.
+    script = ("cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max; "
+              "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cat /sys/fs/cgroup/cpu.max")
+    result = runc.run("limits", SpecOptions(args=[script], memory_limit=32 << 20, cpus=0.5))
+    assert result.returncode == 0, result.stderr
+    memory, cpu = result.stdout.splitlines()
+    assert memory == str(32 << 20)
+    assert cpu in ("50000", "50000 100000")
+
+
+@needs_runc
+def test_runc_privileged_can_mount(runc: Runc) -> None:
+    result = runc.run("priv", SpecOptions(args=["mount -t tmpfs none /mnt && echo mounted"], privileged=True))
+    assert (result.returncode, result.stdout) == (0, "mounted\n"), result.stderr

@@ -114,7 +114,8 @@ class SpecOptions:
     #: CPUs (fractions allowed), as a CFS quota over a 100 ms period.
     cpus: float | None = None
     pids_limit: int | None = None
-    #: Every capability, every host device, no masked or read-only paths, writable /sys, no seccomp.
+    #: Every capability this process holds, every host device, no masked or read-only paths, writable /sys,
+    #: no seccomp.
     privileged: bool = False
     cap_add: list[str] = field(default_factory=list)
     cap_drop: list[str] = field(default_factory=list)
@@ -197,12 +198,19 @@ def _capability(name: str) -> str:
 
 
 def _available_capabilities() -> list[str]:
-    """The capabilities this kernel knows (``/proc/sys/kernel/cap_last_cap``)."""
+    """The capabilities this process holds (``CapEff`` of ``/proc/self/status``), as containerd's
+    ``cap.Current``: a container cannot be given what its runtime lacks (runc would fail to apply it).
+    Without that file: every capability of ``/proc/sys/kernel/cap_last_cap``."""
     try:
-        last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-    except (OSError, ValueError):
-        last = len(ALL_CAPABILITIES) - 1
-    return list(ALL_CAPABILITIES[: last + 1])
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+        except (OSError, ValueError):
+            last = len(ALL_CAPABILITIES) - 1
+        mask = (1 << (last + 1)) - 1
+    return [name for number, name in enumerate(ALL_CAPABILITIES) if mask >> number & 1]
 
 
 def _capabilities(options: SpecOptions) -> list[str]:
