@@ -296,3 +296,16 @@ def test_cli(berthd: BerthdProcess) -> None:
     assert missing.returncode == 1
     assert "not_found" in missing.stderr
     assert cli("ls", "-q") == ""
+
+
+def test_cli_rm_removes_the_snapshot_unless_told_not_to(berthd: BerthdProcess) -> None:
+    with berthd.client() as client:
+        for key in ("s1", "s2"):
+            client.call("snapshots.prepare", {"key": key, "snapshotter": "native", "labels": {"berth.io/gc.root": "1"}})
+            client.containers_create(_wire(key, snapshotter="native", snapshot_key=key))
+        for args in (("s1",), ("--no-snapshot-cleanup", "s2")):
+            result = berthd.cli("containers", "rm", *args)
+            assert result.returncode == 0, result.stderr
+        with pytest.raises(NotFound):
+            client.call("snapshots.stat", {"key": "s1", "snapshotter": "native"})
+        assert client.call("snapshots.stat", {"key": "s2", "snapshotter": "native"})["info"]["name"] == "s2"
