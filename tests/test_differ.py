@@ -125,6 +125,9 @@ METADATA_LAYER = [
     Entry("run/fifo", "fifo", mode=0o620, uid=5, gid=6),
     Entry("x", "file", data=b"xattr", xattrs={"user.note": b"hello", "trusted.bin": b"\x00\xff\x01"}),
     Entry("ns", "file", data=b"nanoseconds"),
+    Entry("sg", "dir", mode=0o2775, gid=50),
+    Entry("sg/f", data=b"owned by 0:0 despite the set-group-ID directory", mode=0o664),
+    Entry("w", data=b"group and other writable", mode=0o666),
 ]
 
 
@@ -162,6 +165,10 @@ def check_metadata(root: Path) -> None:
     assert os.getxattr(root / "x", "trusted.bin") == b"\x00\xff\x01"
     assert (root / "ns").stat().st_mtime_ns == MTIME_NS
     assert (root / "etc").stat().st_mtime_ns == 1_700_000_000 * 10**9
+    assert (root / "sg").stat().st_gid == 50
+    assert stat.S_IMODE((root / "sg").stat().st_mode) == 0o2775
+    assert (root / "sg/f").stat().st_gid == 0
+    assert stat.S_IMODE((root / "w").stat().st_mode) == 0o666
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd", ""], ids=["gzip", "zstd", "plain"])
@@ -170,6 +177,16 @@ async def test_apply_preserves_metadata(snapshotter: Snapshotter, store: LocalSt
     differ = WalkingDiffer(store)
     top = await unpack(snapshotter, differ, store, [metadata_layer()], compression)
     check_metadata(mounter(await snapshotter.view("v", top)))
+
+
+async def test_modes_exact_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        await WalkingDiffer().apply_stream([Mount(type="bind", source=str(tmp_path), options=("rbind",))],
+                                           OCI_LAYER, chunked(metadata_layer()))
+    finally:
+        os.umask(old)
+    check_metadata(tmp_path)
 
 
 async def test_whiteouts_and_opaque_dirs_through_a_real_mount(snapshotter: Snapshotter, store: LocalStore,

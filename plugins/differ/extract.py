@@ -51,6 +51,15 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _XATTR_PREFIX = "SCHILY.xattr."
 
 
+def _read_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` would race with other threads)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o777  # unknown: never rely on it
+
+
 class TarSource:
     """A forward-only, seekable-forward file object over a :class:`BytePipe`, as :mod:`tarfile` needs."""
 
@@ -177,9 +186,15 @@ class Extractor:
         self._allow_devices = allow_devices
         self._cache: dict[tuple[str, ...], int] = {}
         self._retired: list[int] = []
+        #: cached directory descriptors whose directory is set-group-ID (new files take its group)
+        self._sgid: set[int] = set()
+        self._euid, self._egid = os.geteuid(), os.getegid()
+        self._umask = _read_umask()
         self._dir_times: list[_Times] = []
         self._written: set[tuple[str, ...]] = set()
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if os.fstat(self._root_fd).st_mode & stat.S_ISGID:
+            self._sgid.add(self._root_fd)
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -199,6 +214,7 @@ class Extractor:
 
     def _close_retired(self) -> None:
         for fd in self._retired:
+            self._sgid.discard(fd)
             os.close(fd)
         self._retired.clear()
 
@@ -269,6 +285,8 @@ class Extractor:
             oldest = next(iter(self._cache))
             self._retired.append(self._cache.pop(oldest))
         self._cache[parts] = fd
+        if os.fstat(fd).st_mode & stat.S_ISGID:
+            self._sgid.add(fd)
         return fd
 
     @staticmethod
@@ -368,11 +386,13 @@ class Extractor:
     def _regular(self, archive: tarfile.TarFile, source: TarSource, member: tarfile.TarInfo, parent: int,
                  name: str) -> None:
         mode = stat.S_IMODE(member.mode)
+        # Created with its final mode when the umask cannot change it (saves an fchmod per file).
+        exact = not mode & (0o7000 | self._umask)
         try:
-            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+            fd = os.open(name, _FILE_FLAGS, mode if exact else 0o600, dir_fd=parent)
         except FileExistsError:
             self._make_room(parent, name, keep_dir=False)
-            fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent)
+            fd = os.open(name, _FILE_FLAGS, mode if exact else 0o600, dir_fd=parent)
         try:
             if member.issparse():
                 extracted = archive.extractfile(member)
@@ -383,16 +403,16 @@ class Extractor:
                 source.seek(member.offset_data)
                 if source.copy_to(fd, member.size) != member.size:
                     raise _EntryError("the layer ends inside this file")
-            self._attributes_fd(fd, member, mode)
+            # A new file already has our uid and gid, unless the directory is set-group-ID.
+            if member.uid != self._euid or member.gid != self._egid or parent in self._sgid:
+                os.fchown(fd, member.uid, member.gid)
+            for key, value in _xattrs(member):
+                os.setxattr(fd, key, value)
+            if not exact:
+                os.fchmod(fd, mode)
             os.utime(fd, ns=_times(member))
         finally:
             os.close(fd)
-
-    def _attributes_fd(self, fd: int, member: tarfile.TarInfo, mode: int) -> None:
-        os.fchown(fd, member.uid, member.gid)
-        for key, value in _xattrs(member):
-            os.setxattr(fd, key, value)
-        os.fchmod(fd, mode)
 
     def _directory(self, member: tarfile.TarInfo, parent: int, parts: tuple[str, ...]) -> None:
         name = parts[-1]
@@ -406,6 +426,10 @@ class Extractor:
         for key, value in _xattrs(member):
             os.setxattr(fd, key, value)
         os.fchmod(fd, stat.S_IMODE(member.mode))
+        if member.mode & stat.S_ISGID:
+            self._sgid.add(fd)
+        else:
+            self._sgid.discard(fd)
         atime, mtime = _times(member)
         self._dir_times.append(_Times(parts, atime, mtime))
 
