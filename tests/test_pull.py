@@ -73,7 +73,9 @@ def expected_of(entries: dict[str, Entry]) -> dict[str, tuple[str, Any]]:
 
 def view_tree(client: Client, chain_id: str, target: Path) -> dict[str, tuple[str, Any]]:
     """Mount a read-only view of ``chain_id`` and read its tree."""
-    mounts = client.call("snapshots.view", {"key": f"check-{chain_id}", "parent": chain_id})["mounts"]
+    # A gc.root label keeps the view from a collection the daemon may run meanwhile.
+    mounts = client.call("snapshots.view", {"key": f"check-{chain_id}", "parent": chain_id,
+                                            "labels": {"berth.io/gc.root": "test"}})["mounts"]
     target.mkdir(parents=True, exist_ok=True)
     from berth.core.snapshots.mount import mount_all, unmount_all
     from berth.core.snapshots.snapshotter import Mount
