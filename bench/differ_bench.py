@@ -35,11 +35,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from layer_corpus import build_layer, compress, generated_tree  # noqa: E402
+from layer_corpus import build_layer, compress, generated_tree
 
-from berth.core.oci import OCI_LAYER_GZIP  # noqa: E402
-from berth.core.snapshots.snapshotter import Mount  # noqa: E402
-from berth.plugins.differ.walking import WalkingDiffer  # noqa: E402
+from berth.core.oci import OCI_LAYER_GZIP
+from berth.core.snapshots.snapshotter import Mount
+from berth.plugins.differ.walking import WalkingDiffer
 
 CHUNK = 64 << 10
 

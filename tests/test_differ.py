@@ -391,3 +391,72 @@ async def test_btrfs_round_trip(btrfs_root: Path, store: LocalStore, mounter: Mo
         assert not any(name.startswith("berth-") for name in os.listdir(btrfs_root))
     finally:
         await sn.aclose()
+
+
+def _tar(format_: int, members: Sequence[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=format_) as archive:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            archive.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return out.getvalue()
+
+
+def _info(name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+@pytest.mark.parametrize("format_", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["gnu", "ustar", "pax"])
+async def test_tar_formats(tmp_path: Path, format_: int) -> None:
+    """Long names (GNU ``L``/``K`` records, the ustar prefix, PAX paths), big ids (base-256 or PAX) and
+    long link targets read alike in every format tarfile writes."""
+    deep = "/".join(["directory-with-a-long-name"] * 5)  # 134 bytes: prefix, L or PAX path
+    big_id = 2_000_000 if format_ == tarfile.USTAR_FORMAT else 3_000_000_000
+    target = "d/f" if format_ == tarfile.USTAR_FORMAT else f"{deep}/file"  # ustar: links of 100 bytes at most
+    members = [(_info("d", tarfile.DIRTYPE), b""), (_info("d/f"), b"deep"), (_info(deep, tarfile.DIRTYPE), b""),
+               (_info(f"{deep}/file", uid=big_id, gid=big_id), b"deep"),
+               (_info("link", tarfile.SYMTYPE, linkname=target), b""),
+               (_info("hard", tarfile.LNKTYPE, linkname=target), b""),
+               (_info("ünïcode-ñame"), b"u")]
+    await WalkingDiffer().apply_stream([Mount(type="bind", source=str(tmp_path), options=("rbind",))],
+                                       OCI_LAYER, chunked(_tar(format_, members), 1000))
+    assert (tmp_path / deep / "file").read_bytes() == b"deep"
+    assert (tmp_path / deep / "file").stat().st_uid == big_id
+    assert os.readlink(tmp_path / "link") == target
+    assert (tmp_path / "hard").stat().st_ino == (tmp_path / target).stat().st_ino
+    assert (tmp_path / "ünïcode-ñame").read_bytes() == b"u"
+
+
+async def test_global_pax_header_and_trailing_data(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"uid": "42"}) as archive:
+        archive.addfile(_info("f", size=1), io.BytesIO(b"f"))
+    layer = out.getvalue() + b"garbage after the end marker is hashed, not parsed"
+    result = await WalkingDiffer().apply_stream([Mount(type="bind", source=str(tmp_path), options=("rbind",))],
+                                                OCI_LAYER, chunked(layer))
+    assert result.diff_id == diff_id(layer)
+    assert (tmp_path / "f").stat().st_uid == 42
+
+
+@pytest.mark.parametrize("damage", ["checksum", "sparse", "type", "pax"])
+async def test_malformed_tar_refused(tmp_path: Path, damage: str) -> None:
+    layer = bytearray(_tar(tarfile.PAX_FORMAT if damage == "pax" else tarfile.GNU_FORMAT,
+                           [(_info("victim"), b"data")]))
+    if damage == "checksum":
+        layer[0] ^= 1
+    elif damage in ("sparse", "type"):
+        layer[156:157] = b"S" if damage == "sparse" else b"Z"
+        checksum = sum(layer[:148]) + 8 * 32 + sum(layer[156:512])
+        layer[148:156] = b"%06o\0 " % checksum
+    else:
+        layer = bytearray(_tar(tarfile.PAX_FORMAT, [(_info("victim", pax_headers={"path": "x" * 10}), b"")]))
+        layer[512:514] = b"99"  # a record length past the header's end
+    with pytest.raises(InvalidArgument):
+        await WalkingDiffer().apply_stream([Mount(type="bind", source=str(tmp_path), options=("rbind",))],
+                                           OCI_LAYER, chunked(bytes(layer)))

@@ -30,16 +30,14 @@ import errno
 import os
 import shutil
 import stat
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, cast
 
 from berth.core.errdefs import BerthError, InvalidArgument, ResourceExhausted
 
-from .stream import BytePipe
+from .tarstream import TarEntry, TarSource, read_entries
 
-__all__ = ["Extractor", "TarSource", "split_name"]
+__all__ = ["Extractor", "split_name"]
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -58,91 +56,6 @@ def _read_umask() -> int:
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     return 0o777  # unknown: never rely on it
-
-
-class TarSource:
-    """A forward-only, seekable-forward file object over a :class:`BytePipe`, as :mod:`tarfile` needs."""
-
-    def __init__(self, pipe: BytePipe) -> None:
-        self._pipe = pipe
-        self._buffer: memoryview = memoryview(b"")
-        self._position = 0
-        self._eof = False
-
-    def _fill(self) -> bool:
-        if self._eof:
-            return False
-        data = self._pipe.read()
-        if not data:
-            self._eof = True
-            return False
-        self._buffer = memoryview(data)
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            parts = [bytes(self._buffer)]
-            while self._fill():
-                parts.append(bytes(self._buffer))
-            self._buffer = memoryview(b"")
-            data = b"".join(parts)
-            self._position += len(data)
-            return data
-        if len(self._buffer) >= size:
-            data = bytes(self._buffer[:size])
-            self._buffer = self._buffer[size:]
-            self._position += size
-            return data
-        parts = []
-        wanted = size
-        while wanted > 0:
-            if not self._buffer and not self._fill():
-                break
-            piece = self._buffer[:wanted]
-            parts.append(bytes(piece))
-            self._buffer = self._buffer[len(piece):]
-            wanted -= len(piece)
-        data = b"".join(parts)
-        self._position += len(data)
-        return data
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        target = offset if whence == 0 else self._position + offset
-        if whence not in (0, 1) or target < self._position:
-            raise OSError(errno.ESPIPE, "the layer stream only moves forward")
-        while self._position < target:
-            if not self._buffer and not self._fill():
-                break
-            step = min(len(self._buffer), target - self._position)
-            self._buffer = self._buffer[step:]
-            self._position += step
-        return self._position
-
-    def copy_to(self, fd: int, size: int) -> int:
-        """Write the next ``size`` bytes to ``fd``; returns how many there were (less at end of stream)."""
-        left = size
-        while left > 0:
-            if not self._buffer and not self._fill():
-                break
-            piece = self._buffer[:left]
-            while piece:
-                written = os.write(fd, piece)
-                piece = piece[written:]
-            step = min(len(self._buffer), left)
-            self._buffer = self._buffer[step:]
-            self._position += step
-            left -= step
-        return size - left
-
-    def drain(self) -> None:
-        """Read to the end of the stream (so every byte is hashed)."""
-        self._buffer = memoryview(b"")
-        while self._fill():
-            self._position += len(self._buffer)
-            self._buffer = memoryview(b"")
 
 
 def split_name(name: str) -> tuple[str, ...]:
@@ -226,22 +139,10 @@ class Extractor:
         """
         count = 0
         try:
-            try:
-                archive = tarfile.TarFile(fileobj=cast("IO[bytes]", source), mode="r", encoding="utf-8",
-                                          errors="surrogateescape")
-            except tarfile.TarError as err:
-                raise InvalidArgument(f"layer is not a valid tar stream: {err}") from None
-            while True:
-                try:
-                    member = archive.next()
-                except tarfile.TarError as err:
-                    raise InvalidArgument(f"layer is not a valid tar stream after {count} entries: {err}") from None
-                if member is None:
-                    break
-                archive.members.clear()  # type: ignore[attr-defined]  # TarFile keeps every member otherwise
+            for entry in read_entries(source):
                 count += 1
                 try:
-                    self._entry(archive, source, member)
+                    self._entry(source, entry)
                 finally:
                     self._close_retired()
             self._finish_dir_times()
@@ -325,7 +226,7 @@ class Extractor:
 
     # -- entries ---------------------------------------------------------------------------------------
 
-    def _entry(self, archive: tarfile.TarFile, source: TarSource, member: tarfile.TarInfo) -> None:
+    def _entry(self, source: TarSource, member: TarEntry) -> None:
         name = member.name
         try:
             parts = split_name(name)
@@ -335,26 +236,25 @@ class Extractor:
             if base.startswith(WHITEOUT_PREFIX):
                 self._whiteout(parts)
                 return
-            for key, _ in _xattrs(member):
+            for key, _ in member.xattrs:
                 if key.startswith(("trusted.overlay.", "user.overlay.")):
                     raise _EntryError(f"overlay xattr {key!r} is not allowed")
-            if (member.ischr() or member.isblk()) and not self._allow_devices:
+            kind = member.kind
+            if kind in ("char", "block") and not self._allow_devices:
                 raise _EntryError("device nodes are not allowed (allow_devices = false)")
             parent = self._dir_fd(parts[:-1], create=True)
             if not self._overlay:
                 self._written.add(parts)
-            if member.isreg():
-                self._regular(archive, source, member, parent, base)
-            elif member.isdir():
+            if kind == "file":
+                self._regular(source, member, parent, base)
+            elif kind == "dir":
                 self._directory(member, parent, parts)
-            elif member.issym():
+            elif kind == "symlink":
                 self._symlink(member, parent, base)
-            elif member.islnk():
+            elif kind == "hardlink":
                 self._hardlink(member, parent, base)
-            elif member.isfifo() or member.ischr() or member.isblk():
-                self._special(member, parent, base)
             else:
-                raise _EntryError(f"unsupported tar entry type {member.type!r}")
+                self._special(member, parent, base)
         except _EntryError as err:
             raise InvalidArgument(f"layer entry {name!r}: {err}") from None
         except BerthError:
@@ -383,8 +283,7 @@ class Extractor:
             os.unlink(name, dir_fd=parent)
         return False
 
-    def _regular(self, archive: tarfile.TarFile, source: TarSource, member: tarfile.TarInfo, parent: int,
-                 name: str) -> None:
+    def _regular(self, source: TarSource, member: TarEntry, parent: int, name: str) -> None:
         mode = stat.S_IMODE(member.mode)
         # Created with its final mode when the umask cannot change it (saves an fchmod per file).
         exact = not mode & (0o7000 | self._umask)
@@ -394,27 +293,20 @@ class Extractor:
             self._make_room(parent, name, keep_dir=False)
             fd = os.open(name, _FILE_FLAGS, mode if exact else 0o600, dir_fd=parent)
         try:
-            if member.issparse():
-                extracted = archive.extractfile(member)
-                assert extracted is not None
-                while block := extracted.read(1 << 20):
-                    os.write(fd, block)
-            else:
-                source.seek(member.offset_data)
-                if source.copy_to(fd, member.size) != member.size:
-                    raise _EntryError("the layer ends inside this file")
+            if source.copy_to(fd, member.size) != member.size:
+                raise _EntryError("the layer ends inside this file")
             # A new file already has our uid and gid, unless the directory is set-group-ID.
             if member.uid != self._euid or member.gid != self._egid or parent in self._sgid:
                 os.fchown(fd, member.uid, member.gid)
-            for key, value in _xattrs(member):
+            for key, value in member.xattrs:
                 os.setxattr(fd, key, value)
             if not exact:
                 os.fchmod(fd, mode)
-            os.utime(fd, ns=_times(member))
+            os.utime(fd, ns=(member.atime_ns, member.mtime_ns))
         finally:
             os.close(fd)
 
-    def _directory(self, member: tarfile.TarInfo, parent: int, parts: tuple[str, ...]) -> None:
+    def _directory(self, member: TarEntry, parent: int, parts: tuple[str, ...]) -> None:
         name = parts[-1]
         try:
             os.mkdir(name, 0o700, dir_fd=parent)
@@ -423,31 +315,30 @@ class Extractor:
                 os.mkdir(name, 0o700, dir_fd=parent)
         fd = self._dir_fd(parts, create=False)
         os.fchown(fd, member.uid, member.gid)
-        for key, value in _xattrs(member):
+        for key, value in member.xattrs:
             os.setxattr(fd, key, value)
         os.fchmod(fd, stat.S_IMODE(member.mode))
         if member.mode & stat.S_ISGID:
             self._sgid.add(fd)
         else:
             self._sgid.discard(fd)
-        atime, mtime = _times(member)
-        self._dir_times.append(_Times(parts, atime, mtime))
+        self._dir_times.append(_Times(parts, member.atime_ns, member.mtime_ns))
 
-    def _symlink(self, member: tarfile.TarInfo, parent: int, name: str) -> None:
+    def _symlink(self, member: TarEntry, parent: int, name: str) -> None:
         try:
             os.symlink(member.linkname, name, dir_fd=parent)
         except FileExistsError:
             self._make_room(parent, name, keep_dir=False)
             os.symlink(member.linkname, name, dir_fd=parent)
         os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
-        xattrs = _xattrs(member)
+        xattrs = member.xattrs
         if xattrs:
             path = f"/proc/self/fd/{parent}/{name}"
             for key, value in xattrs:
                 os.setxattr(path, key, value, follow_symlinks=False)
-        os.utime(name, ns=_times(member), dir_fd=parent, follow_symlinks=False)
+        os.utime(name, ns=(member.atime_ns, member.mtime_ns), dir_fd=parent, follow_symlinks=False)
 
-    def _hardlink(self, member: tarfile.TarInfo, parent: int, name: str) -> None:
+    def _hardlink(self, member: TarEntry, parent: int, name: str) -> None:
         try:
             target = split_name(member.linkname)
         except InvalidArgument:
@@ -468,11 +359,11 @@ class Extractor:
         except FileNotFoundError:
             raise _EntryError(f"hardlink target {member.linkname!r} does not exist") from None
 
-    def _special(self, member: tarfile.TarInfo, parent: int, name: str) -> None:
-        if member.isfifo():
+    def _special(self, member: TarEntry, parent: int, name: str) -> None:
+        if member.kind == "fifo":
             kind, device = stat.S_IFIFO, 0
         else:
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            kind = stat.S_IFCHR if member.kind == "char" else stat.S_IFBLK
             device = os.makedev(member.devmajor, member.devminor)
         try:
             os.mknod(name, kind | 0o600, device, dir_fd=parent)
@@ -480,13 +371,13 @@ class Extractor:
             self._make_room(parent, name, keep_dir=False)
             os.mknod(name, kind | 0o600, device, dir_fd=parent)
         os.chown(name, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
-        xattrs = _xattrs(member)
+        xattrs = member.xattrs
         if xattrs:
             path = f"/proc/self/fd/{parent}/{name}"
             for key, value in xattrs:
                 os.setxattr(path, key, value, follow_symlinks=False)
         os.chmod(name, stat.S_IMODE(member.mode), dir_fd=parent, follow_symlinks=False)
-        os.utime(name, ns=_times(member), dir_fd=parent, follow_symlinks=False)
+        os.utime(name, ns=(member.atime_ns, member.mtime_ns), dir_fd=parent, follow_symlinks=False)
 
     # -- whiteouts -------------------------------------------------------------------------------------
 
@@ -537,35 +428,6 @@ class Extractor:
                 continue  # replaced or deleted by a later entry
             os.utime(fd, ns=(times.atime_ns, times.mtime_ns))
             self._close_retired()
-
-
-def _pax_ns(text: str | None) -> int | None:
-    """A PAX time record (``seconds[.fraction]``) in nanoseconds, exactly; None when absent or malformed."""
-    if text is None:
-        return None
-    seconds, _, fraction = text.partition(".")
-    try:
-        whole = int(seconds)
-        nanos = int((fraction + "000000000")[:9]) if fraction else 0
-    except ValueError:
-        return None
-    return whole * 1_000_000_000 - nanos if seconds.startswith("-") else whole * 1_000_000_000 + nanos
-
-
-def _times(member: tarfile.TarInfo) -> tuple[int, int]:
-    """(atime, mtime) in nanoseconds: the PAX records when present (exact), else the header's seconds."""
-    mtime = _pax_ns(member.pax_headers.get("mtime"))
-    if mtime is None:
-        mtime = int(member.mtime) * 1_000_000_000
-    atime = _pax_ns(member.pax_headers.get("atime"))
-    return (mtime if atime is None else atime), mtime
-
-
-def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
-    if not member.pax_headers:
-        return []
-    return [(key[len(_XATTR_PREFIX):], value.encode("utf-8", "surrogateescape"))
-            for key, value in member.pax_headers.items() if key.startswith(_XATTR_PREFIX)]
 
 
 def _lstat_below(root: str, parts: tuple[str, ...]) -> os.stat_result | None:

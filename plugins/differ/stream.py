@@ -1,11 +1,12 @@
 """Bounded byte pipes between the trio event loop and worker threads, and the decompressors.
 
-A layer is applied by three parties joined by two :class:`BytePipe` objects: the trio task that reads
-the blob (from the network or the content store) puts chunks into the first pipe; a *decompress* thread
-hashes the compressed bytes, decompresses them, hashes the uncompressed bytes and puts them into the
-second pipe; an *extract* thread reads the tar stream from it. Each pipe holds at most ``limit`` bytes,
-so a fast reader never buffers a whole layer. :meth:`BytePipe.abort` wakes every party blocked on the
-pipe with an error, which is how a failure on one side (or a cancellation) stops the others.
+Applying a layer: the trio task that reads the blob (from the network or the content store) puts chunks
+into a :class:`BytePipe`; the worker thread reads them (small chunks joined up to 1 MiB), and
+:func:`decompressed` hashes them (the blob digest), decompresses and hashes the result (the diff ID) for
+the tar reader. Computing a layer runs the other way: a thread puts compressed tar into a pipe that a trio
+task reads into a content writer. A pipe holds at most ``limit`` bytes, so a fast producer never buffers a
+whole layer; :meth:`BytePipe.abort` wakes both sides with an error, which is how a failure on one side (or
+a cancellation) stops the other.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import hashlib
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any, cast
 
 import trio
@@ -24,12 +25,14 @@ from isal.igzip_lib import IsalError as _IsalError
 
 from berth.core.errdefs import InvalidArgument
 
-__all__ = ["BytePipe", "PipeAborted", "StreamDigests", "decompress_into"]
+__all__ = ["BytePipe", "PipeAborted", "StreamDigests", "decompressed"]
 
 #: isal's stub declares its error as an instance, not a class.
 IsalError = cast("type[Exception]", _IsalError)
 #: Size of the pieces the decompressors produce.
-_PIECE = 256 << 10
+_PIECE = 1 << 20
+#: Small queued chunks are joined up to this size when read (fewer hand-offs between threads).
+_COALESCE = 1 << 20
 
 
 class PipeAborted(Exception):
@@ -122,7 +125,16 @@ class BytePipe:
             if not self._chunks:
                 return b""
             data = self._chunks.popleft()
-            self._size -= len(data)
+            if self._chunks and len(data) < _COALESCE:
+                parts = [data]
+                total = len(data)
+                while self._chunks and total < _COALESCE:
+                    parts.append(self._chunks.popleft())
+                    total += len(parts[-1])
+                self._size -= total
+                data = b"".join(parts)
+            else:
+                self._size -= len(data)
             self._cond.notify_all()
             space = None
             if self._space is not None and self._size < self._limit:
@@ -196,39 +208,39 @@ def _gzip_decompressor() -> Callable[[bytes | memoryview], list[bytes]]:
     return feed
 
 
-def decompress_into(compression: str, source: BytePipe, sink: BytePipe, digests: StreamDigests) -> None:
-    """Read ``source`` to its end, hashing and decompressing into ``sink`` (closed at the end).
+def decompressed(compression: str, source: BytePipe, digests: StreamDigests) -> Iterator[bytes | memoryview]:
+    """The uncompressed stream of ``source`` in pieces, hashing both sides into ``digests``; ``source`` is
+    read to its end (bytes after the last gzip member or zstd frame count in the blob digest).
 
-    Blocks (a worker thread). Raises InvalidArgument for corrupt compressed data, PipeAborted when
-    either pipe is aborted.
+    Blocks. Raises InvalidArgument for corrupt compressed data, PipeAborted when ``source`` is aborted.
     """
-    try:
-        if compression == "gzip":
-            _run(source, sink, digests, _gzip_decompressor(), "gzip")
-        elif compression == "zstd":
-            _run_zstd(source, sink, digests)
-        else:
-            _run(source, sink, digests, lambda data: [bytes(data)] if data else [], "tar")
-    finally:
-        sink.close()
+    pieces: Iterator[bytes | memoryview]
+    if compression == "zstd":
+        pieces = _zstd_pieces(source, digests)
+    else:
+        pieces = _pieces(source, digests, _gzip_decompressor() if compression == "gzip" else None, compression)
+    for piece in pieces:
+        digests.uncompressed.update(piece)
+        digests.uncompressed_size += len(piece)
+        yield piece
 
 
-def _run(source: BytePipe, sink: BytePipe, digests: StreamDigests,
-         feed: Callable[[bytes | memoryview], list[bytes]], what: str) -> None:
+def _pieces(source: BytePipe, digests: StreamDigests, feed: Callable[[bytes | memoryview], list[bytes]] | None,
+            what: str) -> Iterator[bytes | memoryview]:
     while True:
         data = source.read()
         if not data:
-            break
+            return
         digests.compressed.update(data)
         digests.size += len(data)
+        if feed is None:
+            yield data
+            continue
         try:
             pieces = feed(data)
         except IsalError as err:
             raise InvalidArgument(f"layer is not valid {what}: {err}") from None
-        for piece in pieces:
-            digests.uncompressed.update(piece)
-            digests.uncompressed_size += len(piece)
-            sink.put(piece)
+        yield from pieces
 
 
 class _HashingReader:
@@ -249,7 +261,7 @@ class _HashingReader:
         return bytes(data)
 
 
-def _run_zstd(source: BytePipe, sink: BytePipe, digests: StreamDigests) -> None:
+def _zstd_pieces(source: BytePipe, digests: StreamDigests) -> Iterator[bytes]:
     # stream_reader bounds each output piece, so a small frame that inflates hugely cannot exhaust memory.
     raw = _HashingReader(source, digests)
     reader = zstandard.ZstdDecompressor().stream_reader(cast("IO[bytes]", raw), read_across_frames=True)
@@ -260,8 +272,6 @@ def _run_zstd(source: BytePipe, sink: BytePipe, digests: StreamDigests) -> None:
             raise InvalidArgument(f"layer is not valid zstd: {err}") from None
         if not piece:
             break
-        digests.uncompressed.update(piece)
-        digests.uncompressed_size += len(piece)
-        sink.put(piece)
+        yield piece
     while raw.read():  # bytes after the last frame still count in the blob's digest
         pass

@@ -9,9 +9,9 @@ Where a layer goes is decided by the snapshot's mounts:
 * anything else (btrfs, ...): mounted on a temporary directory, applied with whiteouts as deletions,
   and always unmounted afterwards, also on error or cancellation.
 
-Bytes flow from the trio task through a bounded pipe to a decompress thread (hashes the blob and the
-uncompressed stream) and through a second bounded pipe to an extract thread, so the event loop stays free
-and a layer can be applied while it downloads.
+Bytes flow from the trio task through a bounded pipe to one worker thread that hashes the blob,
+decompresses, hashes the tar and extracts it, so the event loop stays free and a layer can be applied while
+it downloads.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ from berth.core.snapshots.mount import amount_all, unmount, unmount_all
 from berth.core.snapshots.snapshotter import Mount
 
 from .compare import LayerWriter, walk_double, walk_upper
-from .extract import Extractor, TarSource
-from .stream import BytePipe, PipeAborted, StreamDigests, decompress_into
+from .extract import Extractor
+from .stream import BytePipe, PipeAborted, StreamDigests, decompressed
+from .tarstream import TarSource
 
 __all__ = ["UNCOMPRESSED_LABEL", "ApplyResult", "CompareResult", "WalkingDiffer"]
 
 #: Content label naming a compressed layer's diff ID (containerd's ``containerd.io/uncompressed``).
 UNCOMPRESSED_LABEL = "berth.io/uncompressed"
-#: Bytes queued between the reader and the decompress thread, and between it and the extract thread.
+#: Bytes queued between the reader and the worker thread.
 _PIPE_LIMIT = 4 << 20
 #: Size of reads from the content store.
 _READ_SIZE = 1 << 20
@@ -298,9 +299,10 @@ class WalkingDiffer:
             raise errors[0]
 
     async def _run(self, target: _Target, compression: str, chunks: AsyncIterable[bytes]) -> ApplyResult:
-        token = trio.lowlevel.current_trio_token()
-        compressed = BytePipe(_PIPE_LIMIT, token)
-        plain = BytePipe(_PIPE_LIMIT)
+        """Feed ``chunks`` through a bounded pipe to one worker thread that decompresses, hashes and
+        extracts. (A separate decompress thread was measured: under the GIL the hand-offs cost more than
+        the overlap gained, on an idle machine and more so on a busy one.)"""
+        compressed = BytePipe(_PIPE_LIMIT, trio.lowlevel.current_trio_token())
         digests = StreamDigests()
         errors: list[BaseException] = []
 
@@ -308,7 +310,6 @@ class WalkingDiffer:
             if not isinstance(error, (PipeAborted, trio.Cancelled)):
                 errors.append(error)
             compressed.abort()
-            plain.abort()
 
         async def feed() -> None:
             try:
@@ -320,39 +321,26 @@ class WalkingDiffer:
                 if isinstance(error, trio.Cancelled):
                     raise
 
-        async def decompress(done: trio.Event) -> None:
-            try:
-                await trio.to_thread.run_sync(decompress_into, compression, compressed, plain, digests)
-            except BaseException as error:
-                fail(error)
-                if isinstance(error, trio.Cancelled):
-                    raise
-            finally:
-                done.set()
-
         def extract() -> None:
+            pieces = decompressed(compression, compressed, digests)
             Extractor(target.root, overlay=target.overlay, lowers=target.lowers, xattr_prefix=target.xattr_prefix,
-                      allow_devices=self.allow_devices).run(TarSource(plain))
+                      allow_devices=self.allow_devices).run(TarSource(lambda: next(pieces, b"")))
 
         async def watchdog() -> None:
             try:
                 await trio.sleep_forever()
-            finally:  # cancelled: stop both threads
+            finally:  # cancelled: stop the worker thread at its next read
                 compressed.abort()
-                plain.abort()
 
-        decompressed = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watchdog)
             nursery.start_soon(feed)
-            nursery.start_soon(decompress, decompressed)
             try:
                 await trio.to_thread.run_sync(extract)
             except BaseException as error:
                 fail(error)
                 if isinstance(error, trio.Cancelled):
                     raise
-            await decompressed.wait()  # the extract thread drained the stream, or the pipes are aborted
             nursery.cancel_scope.cancel()
         if errors:
             raise errors[0]
