@@ -207,6 +207,22 @@ async def test_whiteouts_and_opaque_dirs_through_a_real_mount(snapshotter: Snaps
     assert os.listdir(root / "e") == []
 
 
+async def test_parents_missing_from_a_layer_keep_the_lower_attributes(snapshotter: Snapshotter, store: LocalStore,
+                                                                      mounter: Mounter) -> None:
+    """A layer listing ``p/new`` without ``p`` must not reset ``p``: in an overlay upperdir the directory
+    is created like the lower layer's one, times included (in a full copy, as tar does, adding ``new``
+    updates the directory's mtime)."""
+    base = build_layer([Entry("p", "dir", mode=0o700, uid=5, gid=6, mtime=1_650_000_000), Entry("p/old", data=b"o")])
+    differ = WalkingDiffer(store)
+    top = await unpack(snapshotter, differ, store, [base, build_layer([Entry("p/new", data=b"n")])])
+    root = mounter(await snapshotter.view("v", top))
+    info = (root / "p").stat()
+    assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o700, 5, 6)
+    if isinstance(snapshotter, OverlaySnapshotter):
+        assert info.st_mtime_ns == 1_650_000_000 * 10**9
+    assert sorted(os.listdir(root / "p")) == ["new", "old"]
+
+
 async def test_round_trip_apply_compare_apply(snapshotter: Snapshotter, store: LocalStore,
                                               mounter: Mounter) -> None:
     """compare() of an applied layer, applied again onto the same parent, gives the same tree; comparing

@@ -28,7 +28,8 @@ _KINDS = {b"0": "file", b"\0": "file", b"7": "file", b"1": "hardlink", b"2": "sy
 
 
 class TarSource:
-    """The uncompressed layer as a forward-only stream: ``next_chunk()`` gives the next piece (``b""`` at the end)."""
+    """The uncompressed layer as a forward-only stream; ``next_chunk()`` gives its next piece (``b""`` at
+    the end). ``seek`` only skips forward."""
 
     def __init__(self, next_chunk: Callable[[], bytes | memoryview]) -> None:
         self._next_chunk = next_chunk
@@ -46,15 +47,8 @@ class TarSource:
         self._buffer = memoryview(data)
         return True
 
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            parts = [bytes(self._buffer)]
-            while self._fill():
-                parts.append(bytes(self._buffer))
-            self._buffer = memoryview(b"")
-            data = b"".join(parts)
-            self._position += len(data)
-            return data
+    def read(self, size: int) -> bytes:
+        """The next ``size`` bytes (fewer only at the end of the stream)."""
         if len(self._buffer) >= size:
             data = bytes(self._buffer[:size])
             self._buffer = self._buffer[size:]

@@ -20,7 +20,7 @@ import contextlib
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -139,9 +139,9 @@ class WalkingDiffer:
 
         Raises: as :meth:`apply_stream`, and NotFound when the blob is not in the content store.
         """
-        result = await self.apply_stream(mounts, desc.media_type, self._read_blob(desc),
-                                         expected_diff_id=expected_diff_id, expected_digest=desc.digest,
-                                         expected_size=desc.size)
+        async with contextlib.aclosing(self._read_blob(desc)) as blob:
+            result = await self.apply_stream(mounts, desc.media_type, blob, expected_diff_id=expected_diff_id,
+                                             expected_digest=desc.digest, expected_size=desc.size)
         return result.diff_id
 
     @contextlib.asynccontextmanager
@@ -166,7 +166,7 @@ class WalkingDiffer:
             raise FailedPrecondition("this differ has no content store")
         return self.content
 
-    async def _read_blob(self, desc: Descriptor) -> AsyncIterable[bytes]:
+    async def _read_blob(self, desc: Descriptor) -> AsyncGenerator[bytes, None]:
         reader = await self._store().reader_at(desc.digest)
         try:
             offset = 0
