@@ -196,12 +196,13 @@ async def test_whiteouts_and_opaque_dirs_through_a_real_mount(snapshotter: Snaps
                         Entry("c/d/deep", data=b"d"), Entry("keep", data=b"k")])
     change = build_layer([Entry("a/.wh.f1"), Entry(".wh.b"), Entry("c", "dir", mode=0o750),
                           Entry("c/.wh..wh..opq"), Entry("c/new", data=b"n"), Entry("e", "dir"), Entry("e/.wh.never"),
-                          Entry(".wh..wh.plnk")])
+                          Entry(".wh..wh.plnk"), Entry("a/.wh.f3"), Entry("a/f3", data=b"3"),
+                          Entry("a/f4", data=b"4"), Entry("a/.wh.f4")])
     differ = WalkingDiffer(store)
     top = await unpack(snapshotter, differ, store, [base, change])
     root = mounter(await snapshotter.view("v", top))
     assert sorted(os.listdir(root)) == ["a", "c", "e", "keep"]
-    assert os.listdir(root / "a") == ["f2"]
+    assert sorted(os.listdir(root / "a")) == ["f2", "f3", "f4"]  # a layer's whiteouts never hide its own files
     assert os.listdir(root / "c") == ["new"]
     assert stat.S_IMODE((root / "c").stat().st_mode) == 0o750
     assert os.listdir(root / "e") == []

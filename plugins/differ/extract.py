@@ -19,7 +19,8 @@ and follows symlinks as if chrooted):
 Two whiteout modes: **overlay** (writing into an overlay upperdir) turns ``.wh.NAME`` into a 0/0
 character device and ``.wh..wh..opq`` into the ``overlay.opaque=y`` xattr on the directory; **plain**
 (a bind source or a mounted snapshot) deletes ``NAME`` and, for an opaque marker, everything in the
-directory that this layer did not write. Other ``.wh..wh.`` names (AUFS metadata) are skipped.
+directory that this layer did not write. In both, a whiteout never hides an entry of its own layer (OCI:
+whiteouts apply to lower layers only), and other ``.wh..wh.`` names (AUFS metadata) are skipped.
 
 Every error is raised as a :class:`~berth.core.errdefs.BerthError` naming the entry.
 """
@@ -243,8 +244,7 @@ class Extractor:
             if kind in ("char", "block") and not self._allow_devices:
                 raise _EntryError("device nodes are not allowed (allow_devices = false)")
             parent = self._dir_fd(parts[:-1], create=True)
-            if not self._overlay:
-                self._written.add(parts)
+            self._written.add(parts)
             if kind == "file":
                 self._regular(source, member, parent, base)
             elif kind == "dir":
@@ -392,6 +392,8 @@ class Extractor:
         name = base[len(WHITEOUT_PREFIX):]
         if name in ("", ".", ".."):
             raise _EntryError(f"whiteout of {name!r} is not allowed")
+        if (*directory, name) in self._written:
+            return  # whiteouts hide lower layers only, never an entry of their own layer
         if self._overlay:
             parent = self._dir_fd(directory, create=True)
             self._make_room(parent, name, keep_dir=False)
