@@ -192,7 +192,6 @@ class TokenServer:
 
     def close(self) -> None:
         """Stop serving (idempotent)."""
-        self.release.set()
         if self._thread.is_alive():
             self._server.shutdown()
             self._thread.join(STOP_TIMEOUT)

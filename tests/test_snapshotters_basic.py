@@ -470,11 +470,12 @@ def test_overlay_plugin_error_when_unsupported(berthd_factory: BerthdFactory, mo
     merged = mounter([Mount(type="overlay", source="overlay",
                             options=(f"lowerdir={tmp_path / 'lower'}", f"upperdir={tmp_path / 'upper'}",
                                      f"workdir={tmp_path / 'work'}"))])
-    # With overlayfs unusable, the snapshot service must be pointed at another default snapshotter:
-    # naming a plugin that failed is a startup error.
+    # With overlayfs unusable, the snapshot service and the image unpacker must be pointed at another
+    # snapshotter: naming a plugin that failed is a startup error.
     daemon = berthd_factory.start({"plugins": {
         "io.berth.snapshotter.v1.overlayfs": {"root_path": str(merged / "root")},
-        "io.berth.rpc.v1.snapshots": {"default_snapshotter": "native"}}})
+        "io.berth.rpc.v1.snapshots": {"default_snapshotter": "native"},
+        "io.berth.transfer.v1.local": {"snapshotter": "native"}}})
     try:
         with daemon.client() as client:
             [plugin] = client.call("introspection.plugins",
