@@ -572,7 +572,8 @@ def cmd_images_import(client: Client, args: argparse.Namespace) -> None:
         if source is not sys.stdin.buffer:
             source.close()
     for image in result["images"]:
-        sys.stdout.write(f"{image['name']}: {image['target']['digest']}\n")
+        unpacked = f" unpacked {image['chain_id']}" if image["chain_id"] else ""
+        sys.stdout.write(f"{image['name']}: {image['target']['digest']}{unpacked}\n")
     for desc in result["unnamed"]:
         sys.stderr.write(f"berth: {desc['digest']} has no name in the archive (use --base-name); imported as "
                          "content only\n")

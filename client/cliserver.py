@@ -133,6 +133,10 @@ def _forward_signals(conn: socket.socket) -> None:
         return
 
 
+def _exit_with_signal_status(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run_child(conn: socket.socket, fields: list[bytes], fds: list[int]) -> None:
     """In the forked child: become the launcher's process and run the command; never returns."""
     status = 1
@@ -150,9 +154,12 @@ def _run_child(conn: socket.socket, fields: list[bytes], fds: list[int]) -> None
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(environ)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
-            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # A forwarded SIGTERM or SIGHUP ends the command with the status a shell gives a process killed by
+        # it, and the launcher gets that status (a default action would kill the child before it could tell).
+        signal.signal(signal.SIGTERM, _exit_with_signal_status)
+        signal.signal(signal.SIGHUP, _exit_with_signal_status)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdio, closed at exit
         sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # berth's main job, end to end, on a fresh Debian 12 machine (run as root):
-# install berth, start berthd on its default config, talk to it with the `berth` CLI, stop it.
+# install berth, start berthd on its default config, talk to it with the `berth` CLI, build a small
+# busybox image locally (no internet), import it (unpacked into overlayfs), look into it, stop berthd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -43,6 +44,30 @@ kill -TERM "$events"; wait "$events" 2>/dev/null || true
 echo "== berth namespaces ls"
 "$berth" --address "$address" namespaces ls
 "$berth" --address "$address" namespaces rm hello >/dev/null
+
+echo "== a busybox image built here from Debian's busybox-static, imported and unpacked"
+work=$(mktemp -d /tmp/berth-quickstart.XXXXXX)
+"$PYTHON" - "$work/busybox.tar" <<'PY'
+import sys
+sys.path.insert(0, "tests")
+from imagebuild import busybox_image, write_oci_archive
+write_oci_archive(sys.argv[1], {"localhost/busybox:latest": busybox_image()})
+PY
+imported=$("$berth" --address "$address" images import "$work/busybox.tar")
+echo "$imported"
+chain=${imported##* unpacked }
+"$berth" --address "$address" images ls
+"$berth" --address "$address" images check
+echo "== the unpacked root filesystem (snapshot $chain), mounted read-only"
+mkdir -p "$work/rootfs"
+"$berth" --address "$address" snapshots view --label berth.io/gc.root=quickstart quickstart-view "$chain" >/dev/null
+"$berth" --address "$address" snapshots mounts "$work/rootfs" quickstart-view | sh
+ls "$work/rootfs"
+ls "$work/rootfs/bin" | head -5
+umount "$work/rootfs"
+"$berth" --address "$address" snapshots rm quickstart-view
+"$berth" --address "$address" images rm --sync localhost/busybox:latest
+rm -rf "$work"
 
 echo "== stopping berthd"
 kill -TERM "$daemon"

@@ -218,3 +218,18 @@ def test_sigterm_removes_the_socket_and_pid_file(servers: Servers) -> None:
         time.sleep(0.05)
     assert not servers.socket.exists()
     assert servers.pid() is None
+
+
+def test_sigterm_ends_the_command_with_a_shell_status(berthd: BerthdProcess, servers: Servers) -> None:
+    servers.start()
+    proc = subprocess.Popen([str(LAUNCHER), "--address", str(berthd.address), "events"], env=servers.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+        assert b"without an exit status" not in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -246,7 +246,9 @@ def test_cli_pull_push_export_import(daemon: BerthdProcess, registry_images: Pus
     assert not Path(f"{archive}.partial").exists()
     imported = daemon.cli("--namespace", "other", "images", "import", str(archive))
     assert imported.returncode == 0, imported.stderr
-    assert imported.stdout.strip() == f"{ref}: {registry_images.images['busybox'].descriptor.digest}"
+    image = registry_images.images["busybox"]
+    chain = chain_ids([layer.diff_id for layer in image.layers])[-1]
+    assert imported.stdout.strip() == f"{ref}: {image.descriptor.digest} unpacked {chain}"
     missing = daemon.cli("images", "export", str(tmp_path / "none.tar"), "no/such:image")
     assert missing.returncode == 1
     assert "not_found" in missing.stderr
