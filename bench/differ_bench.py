@@ -1,6 +1,6 @@
 """Layer apply speed: berth's differ against ``tar -xzf`` on the same generated gzip layers.
 
-    python3 bench/differ_bench.py [--repeats 5] [--layers 6] [--files 3000] [--big 3] [--big-mib 10]
+    python3 bench/differ_bench.py [--repeats 5] [--layers 6] [--files 2000] [--big 6] [--big-mib 10]
 
 Builds ``--layers`` reproducible gzip layers (many small text files in nested directories plus a few big
 half-random files each; see ``tests/layer_corpus.generated_tree``), then, ``--repeats`` times and
@@ -13,7 +13,10 @@ alternating the contenders so load on the shared machine hits both alike:
 * **tar -xzf**: GNU tar extracting every layer into its own directory (``--same-owner -p``).
 
 Every run starts after ``sync`` with empty target directories; the figure is the wall time for all
-layers. Medians are printed and the JSON goes to bench/results/. Needs root (ownership, whiteouts).
+layers. The contenders' order rotates from one repeat to the next. Medians are printed and the JSON goes
+to bench/results/. Needs root (ownership, whiteouts). ``--dir /dev/shm`` measures CPU cost alone; on this
+machine's ext4 (``discard``) a few hundred MiB of small files saturate the disk after the first run, and
+every contender then takes the disk's time.
 """
 
 from __future__ import annotations
@@ -96,8 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--files", type=int, default=3000, help="small files per layer")
-    parser.add_argument("--big", type=int, default=3, help="big files per layer")
+    parser.add_argument("--files", type=int, default=2000, help="small files per layer")
+    parser.add_argument("--big", type=int, default=6, help="big files per layer")
     parser.add_argument("--big-mib", type=int, default=10)
     parser.add_argument("--dir", default="/var/tmp", help="where layers are extracted (the disk under test)")
     parser.add_argument("--output", default="")
@@ -118,8 +121,9 @@ def main() -> None:
                            for i in range(args.layers))
         print(f"{args.layers} layers: {compressed / 2**20:.0f} MiB gzip, {uncompressed / 2**20:.0f} MiB tar, "
               f"{args.layers * (args.files + args.big)} files")
+        names = list(results)
         for repeat in range(args.repeats):
-            for name in results:
+            for name in names[repeat % 3:] + names[:repeat % 3]:  # rotated: no contender always goes first
                 work = top / "work"
                 work.mkdir()
                 subprocess.run(["sync"], check=True)

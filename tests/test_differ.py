@@ -461,7 +461,7 @@ async def test_global_pax_header_and_trailing_data(tmp_path: Path) -> None:
     assert (tmp_path / "f").stat().st_uid == 42
 
 
-@pytest.mark.parametrize("damage", ["checksum", "sparse", "type", "pax"])
+@pytest.mark.parametrize("damage", ["checksum", "sparse", "type", "pax", "nul"])
 async def test_malformed_tar_refused(tmp_path: Path, damage: str) -> None:
     layer = bytearray(_tar(tarfile.PAX_FORMAT if damage == "pax" else tarfile.GNU_FORMAT,
                            [(_info("victim"), b"data")]))
@@ -471,9 +471,11 @@ async def test_malformed_tar_refused(tmp_path: Path, damage: str) -> None:
         layer[156:157] = b"S" if damage == "sparse" else b"Z"
         checksum = sum(layer[:148]) + 8 * 32 + sum(layer[156:512])
         layer[148:156] = b"%06o\0 " % checksum
-    else:
+    elif damage == "pax":
         layer = bytearray(_tar(tarfile.PAX_FORMAT, [(_info("victim", pax_headers={"path": "x" * 10}), b"")]))
         layer[512:514] = b"99"  # a record length past the header's end
+    else:
+        layer = bytearray(_tar(tarfile.PAX_FORMAT, [(_info("victim", pax_headers={"path": "a\0/../../x"}), b"")]))
     with pytest.raises(InvalidArgument):
         await WalkingDiffer().apply_stream([Mount(type="bind", source=str(tmp_path), options=("rbind",))],
                                            OCI_LAYER, chunked(bytes(layer)))

@@ -259,6 +259,8 @@ class Extractor:
             raise InvalidArgument(f"layer entry {name!r}: {err}") from None
         except BerthError:
             raise
+        except ValueError as err:  # a NUL byte in a PAX name, link target or xattr key
+            raise InvalidArgument(f"layer entry {name!r}: {err}") from None
         except OSError as err:
             reason = os.strerror(err.errno) if err.errno else str(err)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
