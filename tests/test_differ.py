@@ -475,7 +475,7 @@ async def test_malformed_tar_refused(tmp_path: Path, damage: str) -> None:
         layer = bytearray(_tar(tarfile.PAX_FORMAT, [(_info("victim", pax_headers={"path": "x" * 10}), b"")]))
         layer[512:514] = b"99"  # a record length past the header's end
     else:
-        layer = bytearray(_tar(tarfile.PAX_FORMAT, [(_info("victim", pax_headers={"path": "a\0/../../x"}), b"")]))
+        layer = bytearray(_tar(tarfile.PAX_FORMAT, [(_info("victim", pax_headers={"path": "a\0b"}), b"")]))
     with pytest.raises(InvalidArgument):
         await WalkingDiffer().apply_stream([Mount(type="bind", source=str(tmp_path), options=("rbind",))],
                                            OCI_LAYER, chunked(bytes(layer)))
