@@ -21,7 +21,7 @@ from imagebuild import Entry, busybox_image, skopeo_inspect, write_oci_archive
 from registry_fixture import PushedImages, RegistryServer
 
 from berth.client.sync import Client
-from berth.core.errdefs import FailedPrecondition, NotFound, Unauthenticated
+from berth.core.errdefs import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
 from berth.core.oci import chain_ids
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="unpacking mounts snapshots: needs root")
@@ -154,8 +154,12 @@ def test_corrupted_blob_never_lands(client: Client, registry_images: PushedImage
     assert client.images_list() == []
 
 
-def test_basic_auth_from_docker_config(berthd_factory: BerthdFactory, auth_registry: RegistryServer,
-                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["basic", "bearer"])
+def test_auth_from_docker_config(berthd_factory: BerthdFactory, auth_registry: RegistryServer,
+                                 token_registry: RegistryServer, tmp_path: Path, kind: str) -> None:
+    """Credentials from the configured config.json: Basic on an htpasswd registry, a bearer token from the
+    token server on the other; without them the pull is refused."""
+    auth_registry = auth_registry if kind == "basic" else token_registry
     image = busybox_image()
     layout_dir = tmp_path / "push"
     from imagebuild import skopeo_copy, write_oci_layout
@@ -167,13 +171,21 @@ def test_basic_auth_from_docker_config(berthd_factory: BerthdFactory, auth_regis
     config.write_text(json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
     anonymous = tmp_path / "anonymous.json"
     anonymous.write_text("{}")
-    with berthd_factory.start({"plugins": {"io.berth.transfer.v1.local": {"docker_config": str(anonymous)}}}
-                              ).client(timeout=120.0) as denied, pytest.raises(Unauthenticated):
-        denied.images_pull(auth_registry.ref("private", "v1"), plain_http=True)
+    if kind == "basic":
+        with berthd_factory.start({"plugins": {"io.berth.transfer.v1.local": {"docker_config": str(anonymous)}}}
+                                  ).client(timeout=120.0) as denied, pytest.raises((Unauthenticated, PermissionDenied)):
+            denied.images_pull(auth_registry.ref("private", "v1"), plain_http=True)
+    else:
+        assert auth_registry.token_server is not None
+        auth_registry.token_server.requests.clear()
     with berthd_factory.start({"plugins": {"io.berth.transfer.v1.local": {"docker_config": str(config)}}}
                               ).client(timeout=120.0) as allowed:
         result = allowed.images_pull(auth_registry.ref("private", "v1"), plain_http=True)
         assert result["target"]["digest"] == image.descriptor.digest
+    if kind == "bearer":  # the daemon asked the token server for a token as alice, not anonymously
+        assert auth_registry.token_server is not None
+        assert any(r.account == auth_registry.username and r.status == 200
+                   for r in auth_registry.token_server.requests)
 
 
 def test_push_is_read_by_skopeo_with_the_same_digests(client: Client, registry_images: PushedImages,
