@@ -189,7 +189,7 @@ def test_auth_from_docker_config(berthd_factory: BerthdFactory, auth_registry: R
 
 
 def test_push_is_read_by_skopeo_with_the_same_digests(client: Client, registry_images: PushedImages,
-                                                      registry: RegistryServer) -> None:
+                                                      registry: RegistryServer, tmp_path: Path) -> None:
     pulled = client.images_pull(registry_images.ref("zstd"), plain_http=True)
     destination = registry.ref("pushed-by-berth", "v2")
     result = client.images_push(pulled["name"], destination, plain_http=True)
@@ -199,6 +199,10 @@ def test_push_is_read_by_skopeo_with_the_same_digests(client: Client, registry_i
     assert [layer["digest"] for layer in raw["layers"]] == [layer.blob.digest for layer in image.layers]
     inspected = skopeo_inspect(destination)
     assert inspected["Digest"] == image.descriptor.digest
+    copied = tmp_path / "copied"
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", "--preserve-digests", f"docker://{destination}",
+                    f"oci:{copied}:v2"], check=True, capture_output=True, timeout=120)
+    assert json.loads((copied / "index.json").read_text())["manifests"][0]["digest"] == image.descriptor.digest
     again = client.images_push(pulled["name"], destination, plain_http=True)
     assert again["skipped"] == len(image.layers) + 1  # every blob (layers and config) is there already
 
