@@ -332,3 +332,37 @@ def _has_blob(client: Client, digest: str) -> bool:
     except NotFound:
         return False
     return True
+
+
+def test_import_of_a_docker_save_archive(client: Client, tmp_path: Path) -> None:
+    """``docker save``'s layout: manifest.json naming ``<id>.json`` configs and ``<id>/layer.tar`` layers
+    (uncompressed here, gzip for the second layer: both happen in the wild)."""
+    import gzip
+    import hashlib
+    import tarfile
+
+    from imagebuild import file, make_image, make_layer
+
+    image = make_image([make_layer([file("a.txt", b"first layer\n")], ""),
+                        make_layer([file("b.txt", b"second layer\n")], "")])
+    config = image.config.data
+    config_id = hashlib.sha256(config).hexdigest()
+    layers = [image.layers[0].tar, gzip.compress(image.layers[1].tar, mtime=0)]
+    archive = tmp_path / "saved.tar"
+    with tarfile.open(archive, "w") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        paths = []
+        for index, data in enumerate(layers):
+            paths.append(f"layer{index}/layer.tar")
+            add(paths[-1], data)
+        add(f"{config_id}.json", config)
+        add("manifest.json", json.dumps([{"Config": f"{config_id}.json", "RepoTags": ["saved/app:1.0"],
+                                          "Layers": paths}]).encode())
+    with archive.open("rb") as source:
+        result = client.images_import(source)
+    assert [i["name"] for i in result["images"]] == ["docker.io/saved/app:1.0"]
+    assert result["images"][0]["chain_id"] == chain_ids([layer.diff_id for layer in image.layers])[-1]
