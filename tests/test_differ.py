@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import trio
 from btrfs_fixture import btrfs_root  # noqa: F401 (a fixture)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from layer_corpus import Entry, build_layer, compress, generated_tree
 
 from berth.core.content import Store
@@ -479,3 +481,34 @@ async def test_malformed_tar_refused(tmp_path: Path, damage: str) -> None:
     with pytest.raises(InvalidArgument):
         await WalkingDiffer().apply_stream([Mount(type="bind", source=str(tmp_path), options=("rbind",))],
                                            OCI_LAYER, chunked(bytes(layer)))
+
+
+_names = st.text(alphabet="abé-", min_size=1, max_size=3)
+_tree_entries = st.lists(st.tuples(st.lists(_names, min_size=1, max_size=3),
+                                   st.sampled_from(["file", "dir", "symlink", "fifo"]),
+                                   st.binary(max_size=300), st.integers(0, 0o7777), st.integers(0, 70_000),
+                                   st.integers(0, 2_000_000_000)), max_size=12)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=_tree_entries)
+async def test_round_trip_property(tmp_path_factory: pytest.TempPathFactory, raw: list[tuple[list[str], str, bytes,
+                                                                                              int, int, int]]) -> None:
+    """Any tree a layer makes compares back to a layer that rebuilds the same tree."""
+    work = tmp_path_factory.mktemp("rt")
+    first, second = work / "a", work / "b"
+    first.mkdir()
+    second.mkdir()
+    entries = [Entry("/".join(parts), kind, data=data if kind == "file" else b"", mode=mode, uid=owner, gid=owner,
+                     mtime=mtime, link="x/../y" if kind == "symlink" else "") for parts, kind, data, mode, owner, mtime
+               in raw]
+    differ = WalkingDiffer(LocalStore(work / "content", labels=MemoryLabelStore()))
+    try:
+        await differ.apply_stream([Mount(type="bind", source=str(first), options=("rbind",))], OCI_LAYER,
+                                  chunked(build_layer(entries)))
+    except InvalidArgument:
+        return  # e.g. a file where a later entry needs a directory
+    result = await differ.compare([], [Mount(type="bind", source=str(first), options=("rbind",))])
+    await differ.apply(result.descriptor, [Mount(type="bind", source=str(second), options=("rbind",))],
+                       expected_diff_id=result.diff_id)
+    assert tree(second) == tree(first)
