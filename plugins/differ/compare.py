@@ -68,6 +68,10 @@ class LayerWriter:
     def tell(self) -> int:
         return self._position
 
+    def check(self) -> None:
+        """Raise PipeAborted when the reader is gone (the walk calls this once per directory)."""
+        self._sink.check()
+
     def _emit(self, data: bytes) -> None:
         if not data:
             return
@@ -108,7 +112,8 @@ def _mtime(info: tarfile.TarInfo, st: os.stat_result, pax: dict[str, str]) -> No
 class _Emitter:
     """Writes entries into the tar; remembers inodes with several links to turn later ones into hardlinks."""
 
-    def __init__(self, archive: tarfile.TarFile, skip_xattr: Callable[[str], bool]) -> None:
+    def __init__(self, out: LayerWriter, archive: tarfile.TarFile, skip_xattr: Callable[[str], bool]) -> None:
+        self.out = out
         self.archive = archive
         self.skip_xattr = skip_xattr
         self.links: dict[tuple[int, int], str] = {}
@@ -175,7 +180,7 @@ def walk_upper(upper: str, out: LayerWriter, opaque_xattr: str) -> None:
     """Write the change set of an overlay upperdir (see the module docstring). Blocks."""
     prefix = opaque_xattr.rsplit(".", 1)[0] + "."
     archive = _open_archive(out)
-    emitter = _Emitter(archive, lambda key: key.startswith(prefix))
+    emitter = _Emitter(out, archive, lambda key: key.startswith(prefix))
     root = os.open(upper, _DIR_FLAGS)
     try:
         _walk_upper(emitter, root, (), opaque_xattr)
@@ -185,6 +190,7 @@ def walk_upper(upper: str, out: LayerWriter, opaque_xattr: str) -> None:
 
 
 def _walk_upper(emitter: _Emitter, dfd: int, parts: tuple[str, ...], opaque_xattr: str) -> None:
+    emitter.out.check()
     listing = _listing(dfd)
     for name in _sorted(listing):
         st = listing[name]
@@ -218,7 +224,7 @@ def _emit_leaf(emitter: _Emitter, dfd: int, path: tuple[str, ...], st: os.stat_r
 def walk_double(lower: str | None, upper: str, out: LayerWriter) -> None:
     """Write the changes from the tree ``lower`` (None: empty) to the tree ``upper``. Blocks."""
     archive = _open_archive(out)
-    emitter = _Emitter(archive, lambda key: False)
+    emitter = _Emitter(out, archive, lambda key: False)
     lfd = os.open(lower, _DIR_FLAGS) if lower is not None else -1
     try:
         ufd = os.open(upper, _DIR_FLAGS)
@@ -249,6 +255,7 @@ def _changed(lfd: int, ufd: int, name: str, old: os.stat_result, new: os.stat_re
 
 
 def _walk_double(emitter: _Emitter, lfd: int, ufd: int, parts: tuple[str, ...]) -> None:
+    emitter.out.check()
     lower = _listing(lfd) if lfd >= 0 else {}
     upper = _listing(ufd)
     for name in _sorted(set(lower) | set(upper)):

@@ -102,6 +102,11 @@ class BytePipe:
         if waiting is not None:
             self._wake(waiting)
 
+    def check(self) -> None:
+        """Raise PipeAborted if the pipe was aborted (for producers with long stretches between puts)."""
+        if self._aborted:
+            raise PipeAborted
+
     def abort(self) -> None:
         """Wake every waiter with PipeAborted (idempotent)."""
         with self._cond:

@@ -72,6 +72,18 @@ class _Target:
     xattr_prefix: str = "trusted.overlay."
 
 
+def _is_bind(mount: Mount) -> bool:
+    return mount.type == "bind" or "bind" in mount.options or "rbind" in mount.options
+
+
+def _options(mount: Mount) -> dict[str, str]:
+    return {key: value for key, _, value in (option.partition("=") for option in mount.options)}
+
+
+def _lowers(options: dict[str, str]) -> tuple[str, ...]:
+    return tuple(lower for lower in options.get("lowerdir", "").split(":") if lower)
+
+
 def _layer_dirs(mounts: Sequence[Mount]) -> tuple[str, ...] | None:
     """The directories (top first) that make up a read-only view given by ``mounts``, when they can be
     named without mounting: none, one bind, or one overlay. None otherwise."""
@@ -80,12 +92,12 @@ def _layer_dirs(mounts: Sequence[Mount]) -> tuple[str, ...] | None:
     if len(mounts) != 1 or mounts[0].target:
         return None
     mount = mounts[0]
-    if mount.type == "bind" or "bind" in mount.options or "rbind" in mount.options:
+    if _is_bind(mount):
         return (mount.source,)
     if mount.type != "overlay":
         return None
-    options = {key: value for key, _, value in (option.partition("=") for option in mount.options)}
-    lowers = tuple(lower for lower in options.get("lowerdir", "").split(":") if lower)
+    options = _options(mount)
+    lowers = _lowers(options)
     return (options["upperdir"], *lowers) if options.get("upperdir") else lowers
 
 
@@ -94,17 +106,16 @@ def _direct_target(mounts: Sequence[Mount]) -> _Target | None:
     if len(mounts) != 1 or mounts[0].target:
         return None
     mount = mounts[0]
-    if mount.type == "bind" or "bind" in mount.options or "rbind" in mount.options:
+    if _is_bind(mount):
         return _Target(root=mount.source, overlay=False)
     if mount.type != "overlay":
         return None
-    options = {key: value for key, _, value in (option.partition("=") for option in mount.options)}
+    options = _options(mount)
     upper = options.get("upperdir")
     if not upper:
         return None
-    lowers = tuple(lower for lower in options.get("lowerdir", "").split(":") if lower)
     prefix = "user.overlay." if "userxattr" in options else "trusted.overlay."
-    return _Target(root=upper, overlay=True, lowers=lowers, xattr_prefix=prefix)
+    return _Target(root=upper, overlay=True, lowers=_lowers(options), xattr_prefix=prefix)
 
 
 def _unmount_in_reverse(mounts: Sequence[Mount], mount_point: Path) -> None:
