@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layer_corpus import MALICIOUS, Entry, Malicious, build_layer
+from layer_corpus import CONTAINED, MALICIOUS, Contained, Entry, Malicious, build_layer
 
 from berth.core.errdefs import InvalidArgument
 from berth.core.oci import OCI_LAYER
@@ -89,6 +89,18 @@ async def test_malicious_layer_refused(tmp_path: Path, case: Malicious, overlay:
         await differ.apply_stream(mounts, OCI_LAYER, _chunks(build_layer(case.entries)))
     assert f"layer entry {case.offender!r}" in str(caught.value)
     assert _tree(tmp_path, root) == before
+    assert _outside_state() == outside
+    assert _open_fds() == fds
+
+
+@pytest.mark.parametrize("overlay", [True, False], ids=["overlay", "plain"])
+@pytest.mark.parametrize("case", CONTAINED, ids=[c.id for c in CONTAINED])
+async def test_absolute_symlinks_are_followed_inside_the_root(tmp_path: Path, case: Contained,
+                                                             overlay: bool) -> None:
+    root, mounts = _workspace(tmp_path, overlay)
+    outside, fds = _outside_state(), _open_fds()
+    await WalkingDiffer().apply_stream(mounts, OCI_LAYER, _chunks(build_layer(case.entries)))
+    assert (root / case.lands).exists()
     assert _outside_state() == outside
     assert _open_fds() == fds
 

@@ -7,9 +7,10 @@ and follows symlinks as if chrooted):
   A name starting with ``/`` (absolute) or holding a ``..`` component is refused, even when it would
   stay inside: layers written by Docker, BuildKit, umoci or containerd never contain either.
 * Every parent component is opened with ``openat(O_NOFOLLOW|O_DIRECTORY)`` from the directory above it.
-  A parent that is a symlink is followed only when its target is relative and stays inside the root
-  (``lib -> usr/lib``); an absolute target, a target climbing above the root, or more than 40 hops is
-  refused. A missing parent is created (mode 0755, or copied from the lower layers in overlay mode).
+  A parent that is a symlink is followed inside the root: a relative target from its directory
+  (``lib -> usr/lib``), an absolute one from the snapshot root, as the container will see it
+  (``var/run -> /run``; containerd does the same); a target climbing above the root, or more than 40
+  hops, is refused. A missing parent is created (mode 0755, or copied from the lower layers in overlay mode).
 * Hardlink targets follow the same rules and must already exist; whiteouts name one file in a resolved
   directory. The last component of an entry is never followed: an existing file, symlink or directory
   there is replaced (a directory over a directory is kept and gets the new metadata).
@@ -196,9 +197,9 @@ class Extractor:
         where = "/".join(parts)
         if hops >= _MAX_HOPS:
             raise _EntryError(f"too many levels of symlinks at {where!r}")
-        if target.startswith("/"):
-            raise _EntryError(f"{where!r} is a symlink to the absolute path {target!r}")
-        resolved = list(parts[:-1])
+        # An absolute target means the container's root, as the container will see it (containerd
+        # resolves it the same way): it is followed from the snapshot root, never from the host's.
+        resolved = [] if target.startswith("/") else list(parts[:-1])
         for part in target.split("/"):
             if part in ("", "."):
                 continue
