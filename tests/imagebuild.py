@@ -290,6 +290,11 @@ def apply_layers(layers: Iterable[Iterable[Entry]]) -> dict[str, Entry]:
                     del tree[existing]
         for entry in entries:
             path = entry.path.rstrip("/")
+            if entry.kind == "opaque" and tree.get(path, Entry(path, "file")).kind != "dir":
+                # The marker lives inside the directory, so the directory is part of this layer: it stays
+                # (empty) even when the same layer also whites out the lower one (OCI: a whiteout never
+                # hides what its own layer holds).
+                tree[path] = Entry(path, "dir", mode=0o755)
             if entry.kind in ("whiteout", "opaque"):
                 continue
             if entry.kind != "dir":

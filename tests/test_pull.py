@@ -303,7 +303,8 @@ def test_pull_killed_mid_download_resumes_without_fetching_finished_blobs(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             statuses = watcher.call("content.list_statuses", {})["statuses"]
-            done = all(_has_blob(watcher, layer.blob.digest) for layer in small)
+            done = all(_has_blob(watcher, digest) for digest in (image.config.digest,
+                                                                   *(layer.blob.digest for layer in small)))
             if done and any(s["ref"] == f"layer-{big.blob.digest}" and s["offset"] >= 2 << 20 for s in statuses):
                 break
             time.sleep(0.05)
