@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from berth.core.errdefs import InvalidArgument
+from berth.core.errdefs import DataLoss, InvalidArgument
 
 __all__ = [
     "DIGEST_ALGORITHMS",
@@ -28,6 +28,7 @@ __all__ = [
     "Store",
     "Writer",
     "new_hasher",
+    "read_blob",
     "validate_digest",
 ]
 
@@ -181,3 +182,24 @@ class Store(Protocol):
 
         Raises: NotFound.
         """
+
+
+async def read_blob(store: Store, digest: str, *, chunk_size: int = 1 << 20) -> AsyncGenerator[bytes, None]:
+    """The bytes of the committed blob ``digest``, in chunks of up to ``chunk_size``.
+
+    Raises:
+        NotFound: no such blob.
+        DataLoss: the blob ended before its recorded size (the file was cut under the store).
+    Closing the iterator early (or cancelling) closes the reader.
+    """
+    reader = await store.reader_at(digest)
+    try:
+        offset = 0
+        while offset < reader.size:
+            data = await reader.read_at(offset, min(chunk_size, reader.size - offset))
+            if not data:
+                raise DataLoss(f"blob {digest} ended at {offset} of its {reader.size} bytes")
+            offset += len(data)
+            yield data
+    finally:
+        await reader.close()

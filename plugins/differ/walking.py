@@ -20,13 +20,13 @@ import contextlib
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
 
-from berth.core.content import Store, Writer
+from berth.core.content import Store, Writer, read_blob
 from berth.core.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berth.core.oci import OCI_LAYER_GZIP, Descriptor, layer_compression
 from berth.core.snapshots.mount import amount_all, unmount, unmount_all
@@ -150,7 +150,7 @@ class WalkingDiffer:
 
         Raises: as :meth:`apply_stream`, and NotFound when the blob is not in the content store.
         """
-        async with contextlib.aclosing(self._read_blob(desc)) as blob:
+        async with contextlib.aclosing(read_blob(self._store(), desc.digest, chunk_size=_READ_SIZE)) as blob:
             result = await self.apply_stream(mounts, desc.media_type, blob, expected_diff_id=expected_diff_id,
                                              expected_digest=desc.digest, expected_size=desc.size)
         return result.diff_id
@@ -176,19 +176,6 @@ class WalkingDiffer:
         if self.content is None:
             raise FailedPrecondition("this differ has no content store")
         return self.content
-
-    async def _read_blob(self, desc: Descriptor) -> AsyncGenerator[bytes, None]:
-        reader = await self._store().reader_at(desc.digest)
-        try:
-            offset = 0
-            while offset < reader.size:
-                data = await reader.read_at(offset, min(_READ_SIZE, reader.size - offset))
-                if not data:
-                    break
-                offset += len(data)
-                yield data
-        finally:
-            await reader.close()
 
     async def apply_stream(self, mounts: Sequence[Mount], media_type: str, chunks: AsyncIterable[bytes], *,
                            expected_diff_id: str = "", expected_digest: str = "",

@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from berth.core.content import Store
+from berth.core.content import Store, read_blob
 from berth.core.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berth.core.oci import (
     DOCKER_CONFIG,
@@ -321,17 +321,8 @@ class ArchiveExporter:
         yield _dir_header("blobs/sha256/", now)
         for desc in blobs.values():
             yield _file_header(_blob_path(desc.digest), desc.size, now)
-            reader = await self.content.reader_at(desc.digest)
-            try:
-                offset = 0
-                while offset < desc.size:
-                    chunk = await reader.read_at(offset, min(_BLOCK, desc.size - offset))
-                    if not chunk:
-                        raise NotFound(f"blob {desc.digest} ended at {offset} of {desc.size} bytes")
-                    offset += len(chunk)
-                    yield chunk
-            finally:
-                await reader.close()
+            async for chunk in read_blob(self.content, desc.digest, chunk_size=_BLOCK):
+                yield chunk
             if desc.size % tarfile.BLOCKSIZE:
                 yield b"\0" * (tarfile.BLOCKSIZE - desc.size % tarfile.BLOCKSIZE)
         yield b"\0" * (2 * tarfile.BLOCKSIZE)

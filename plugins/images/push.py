@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from berth.core.content import Store
+from berth.core.content import Store, read_blob
 from berth.core.oci import INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, Descriptor
 from berth.plugins.images.tree import present_tree, read_small
 
@@ -105,22 +105,18 @@ class Pusher:
             source = info.labels.get(SOURCE_LABEL_PREFIX + self.host, "")
             mount_from = source if source and source != self.repository else None
             self._progress({"ref": ref, "status": "uploading", "offset": 0, "total": desc.size})
-            await self.pusher.push_blob(desc, self._chunks(desc), mount_from=mount_from)
-            if mount_from is not None and await self.pusher.exists(desc):
-                result.mounted += 1
-            result.pushed += 1
-            result.pushed_bytes += desc.size
-            self._progress({"ref": ref, "status": "done", "offset": desc.size, "total": desc.size})
+            sent = 0
 
-    async def _chunks(self, desc: Descriptor) -> AsyncIterator[bytes]:
-        reader = await self.content.reader_at(desc.digest)
-        try:
-            offset = 0
-            while offset < desc.size:
-                chunk = await reader.read_at(offset, min(_CHUNK, desc.size - offset))
-                if not chunk:
-                    break
-                offset += len(chunk)
-                yield chunk
-        finally:
-            await reader.close()
+            async def chunks() -> AsyncIterator[bytes]:
+                nonlocal sent
+                async for chunk in read_blob(self.content, desc.digest, chunk_size=_CHUNK):
+                    sent += len(chunk)
+                    yield chunk
+
+            await self.pusher.push_blob(desc, chunks(), mount_from=mount_from)
+            if mount_from is not None and sent == 0 and desc.size:  # the registry mounted it: no byte was read
+                result.mounted += 1
+            else:
+                result.pushed += 1
+                result.pushed_bytes += desc.size
+            self._progress({"ref": ref, "status": "done", "offset": desc.size, "total": desc.size})
