@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from layer_corpus import build_layer, compress, generated_tree
+from peers import start_containerd
 from registry_fixture import start_registry
 
 from berth.client.sync import Client
@@ -75,27 +76,6 @@ def start_berthd(work: Path) -> tuple[subprocess.Popen[bytes], str]:
         if time.monotonic() > deadline:
             raise SystemExit("berthd did not start")
         time.sleep(0.05)
-    return proc, address
-
-
-def start_containerd(work: Path) -> tuple[subprocess.Popen[bytes], str] | None:
-    if shutil.which("containerd") is None or shutil.which("ctr") is None:
-        return None
-    root = work / "containerd"
-    root.mkdir()
-    address = str(root / "containerd.sock")
-    (root / "config.toml").write_text(
-        f'version = 2\nroot = "{root}/root"\nstate = "{root}/state"\n'
-        f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\naddress = "{address}"\n')
-    proc = subprocess.Popen(["containerd", "--config", str(root / "config.toml")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while subprocess.run(["ctr", "--address", address, "version"], capture_output=True).returncode != 0:
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            return None
-        time.sleep(0.1)
     return proc, address
 
 

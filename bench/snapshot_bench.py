@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from peers import start_containerd  # bench/peers.py, beside this script
+
 from berth.client.sync import Client
 from berth.core.snapshots.mount import mount_all, unmount_all
 from berth.core.snapshots.snapshotter import Mount
@@ -79,28 +81,6 @@ def ctr_round_trip(address: str, snapshotter: str, i: int) -> float:
     for args in (["prepare", f"a{i}"], ["commit", f"c{i}", f"a{i}"], ["rm", f"c{i}"]):
         subprocess.run([*base, *args], check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
-
-
-def start_containerd(work: Path) -> tuple[subprocess.Popen[bytes], str] | None:
-    """A private containerd (own root, state and socket) for the side-by-side figures, or None."""
-    if shutil.which("containerd") is None or shutil.which("ctr") is None:
-        return None
-    root = work / "containerd"
-    address = str(root / "containerd.sock")
-    (root).mkdir()
-    (root / "config.toml").write_text(
-        f'version = 2\nroot = "{root}/root"\nstate = "{root}/state"\n'
-        f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\naddress = "{address}"\n')
-    proc = subprocess.Popen(["containerd", "--config", str(root / "config.toml")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if subprocess.run(["ctr", "--address", address, "version"], capture_output=True).returncode == 0:
-            return proc, address
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    return None
 
 
 def start_cli_server(python: str) -> tuple[int, dict[str, str], Path]:
