@@ -280,14 +280,17 @@ def test_async_client_image_calls_and_events(berthd: BerthdProcess) -> None:
             with trio.fail_after(10):
                 # The subscription is live once an event published after it arrives: probe until one does
                 # (a probe published before the daemon registered the subscription is never delivered).
-                live = False
-                while not live:
-                    await client.publish("/images/probe", {})
-                    with trio.move_on_after(0.2):
-                        async for envelope in events:
-                            if envelope["topic"] == "/images/probe":
-                                live = True
-                                break
+                async with trio.open_nursery() as nursery:
+                    async def probe() -> None:
+                        while True:
+                            await client.publish("/images/probe", {})
+                            await trio.sleep(0.2)
+
+                    nursery.start_soon(probe)
+                    async for envelope in events:
+                        if envelope["topic"] == "/images/probe":
+                            break
+                    nursery.cancel_scope.cancel()
                 await client.images_create("aio", target, {"k": "v"})
                 assert (await client.images_get("aio"))["labels"] == {"k": "v"}
                 await client.images_update("aio", labels={}, update_mask=["labels"])
