@@ -254,9 +254,10 @@ def test_cli_pull_push_export_import(daemon: BerthdProcess, registry_images: Pus
     assert pulled.stdout.startswith(f"{ref}: {registry_images.images['busybox'].descriptor.digest}")
     assert "layer-" in pulled.stderr
     assert ": done" in pulled.stderr
-    checked = daemon.cli("images", "check", ref)
-    assert "complete" in checked.stdout
-    assert "true" in checked.stdout.lower() or "yes" in checked.stdout.lower()
+    checked = daemon.cli("images", "check", ref).stdout.splitlines()
+    assert checked[1].split()[0] == ref
+    assert checked[1].split()[-1] == "true"  # UNPACKED
+    assert "complete (3/3)" in checked[1]
     pushed = daemon.cli("images", "push", "--plain-http", ref, registry.ref("cli-pushed", "v1"))
     assert pushed.returncode == 0, pushed.stderr
     archive = tmp_path / "out.tar"

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from berth.core.errdefs import InvalidArgument, NotFound
 from berth.core.metadata.images import Image, ImageStore
 from berth.core.metadata.leases import LeaseManager
@@ -44,16 +46,6 @@ class Config:
     docker_config: str = ""
     #: The snapshotter images are unpacked into when a call names none.
     snapshotter: str = plugin_ref(PluginType.SNAPSHOTTER, "overlayfs", doc="snapshotter to unpack into")
-
-
-class _ImageRecords:
-    """Create an image record, or point an existing one at a new target (what a pull leaves)."""
-
-    def __init__(self, images: ImageStore) -> None:
-        self.images = images
-
-    async def put(self, name: str, target: Descriptor) -> None:
-        await self.images.put(name, target)
 
 
 class Transfer:
@@ -93,7 +85,7 @@ class Transfer:
             resolved_name, root = await resolver.resolve(ref)
             puller = Puller(content=self.metadata.content, fetcher=resolver.fetcher(ref), applier=self.applier,
                             snapshotter=sn if unpack else None, snapshotter_name=name,
-                            images=_ImageRecords(self.images), leases=self.leases,
+                            images=self.images, leases=self.leases,
                             max_concurrent_downloads=self.config.max_concurrent_downloads, progress=progress,
                             source=(ref.registry_host(), ref.repository))
             return await puller.pull(resolved_name, root, platform=wanted, all_platforms=all_platforms)
@@ -129,12 +121,13 @@ class Transfer:
                 for imported in result.images:
                     puller = Puller(content=self.metadata.content, fetcher=_NoFetch(), applier=self.applier,
                                     snapshotter=sn if unpack else None, snapshotter_name=name,
-                                    images=_ImageRecords(self.images), leases=self.leases)
+                                    images=self.images, leases=self.leases)
                     pulled = await puller.pull(imported.name, imported.target)
                     images.append({"name": imported.name, "target": imported.target.to_wire(),
                                    "chain_id": pulled.chain_id})
         finally:
-            await self.leases.delete(lease_id)
+            with trio.CancelScope(shield=True):
+                await self.leases.delete(lease_id)
         return {"images": images, "unnamed": [d.to_wire() for d in result.unnamed], "blobs": result.blobs}
 
     async def export(self, names: Sequence[str]) -> AsyncIterator[bytes]:

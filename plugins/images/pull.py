@@ -73,7 +73,7 @@ class Applier(Protocol):
 class ImageRecords(Protocol):
     """The part of the image store a pull needs."""
 
-    async def put(self, name: str, target: Descriptor) -> None:
+    async def put(self, name: str, target: Descriptor) -> object:
         """Create the image record, or update its target when it exists."""
 
 
@@ -392,17 +392,15 @@ class Puller:
         mounts = await self.snapshotter.prepare(key, parent)
         try:
             await self.applier.apply(desc, mounts, expected_diff_id=diff_id)
-            try:
-                await self.snapshotter.commit(chain_id, key)
-            except AlreadyExists:  # another pull committed the same layer first
-                await self.snapshotter.remove(key)
-            else:
-                key = ""
-        except BaseException:
+            await self.snapshotter.commit(chain_id, key)
+        except BaseException as err:
+            # Whatever stopped the layer (a wrong diff ID, cancellation, or another pull committing the
+            # same chain ID first), the extraction key goes; only that last case is not a failure.
             with trio.CancelScope(shield=True):
                 try:
                     await self.snapshotter.remove(key)
-                except BerthError as err:
-                    log.warning("unpack_cleanup_failed", key=key, error=str(err))
-            raise
+                except BerthError as cleanup:
+                    log.warning("unpack_cleanup_failed", key=key, error=str(cleanup))
+            if not isinstance(err, AlreadyExists):
+                raise
         await self._label_children(desc, {"berth.io/uncompressed": diff_id})
