@@ -198,6 +198,11 @@ class _Layer:
     arrived: trio.Event = field(default_factory=trio.Event)
 
 
+async def _no_chunks() -> AsyncIterator[bytes]:
+    return
+    yield  # an empty async generator
+
+
 class Puller:
     """One pull of one image into one namespace (the caller sets the namespace context).
 
@@ -316,14 +321,16 @@ class Puller:
                 return
             try:
                 offset = writer.status().offset
-                if offset >= desc.size and offset:
+                if offset > desc.size:  # not this blob's bytes: start over
                     await writer.truncate(0)
                     offset = 0
                 written = offset
                 self._report(ref=ref, status="downloading", offset=written, total=desc.size)
                 last_report = time.monotonic()
                 batch = bytearray()
-                async for chunk in self.fetcher.fetch(desc, offset):
+                # An ingest already holding every byte (killed before its commit) only needs the commit.
+                chunks = self.fetcher.fetch(desc, offset) if offset < desc.size else _no_chunks()
+                async for chunk in chunks:
                     batch += chunk
                     if len(batch) >= _WRITE_BATCH:
                         await writer.write(bytes(batch))
