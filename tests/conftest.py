@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import tomli_w
 
 from berth.client.sync import Client
 from berth.core.errdefs import BerthError
+from berth.core.snapshots.mount import is_mountpoint, mount_all, unmount_all
+from berth.core.snapshots.snapshotter import Mount
 
 #: Fixtures of a docker-registry on 127.0.0.1 (registry, auth_registry, token_registry, tls_registry, ...).
 pytest_plugins = ["registry_fixture"]
@@ -323,3 +325,27 @@ def test_plugin_env(test_plugin_path: Path) -> dict[str, str]:
     """Environment for a berthd that should load the ``testhold`` plugin."""
     existing = os.environ.get("PYTHONPATH")
     return {"PYTHONPATH": f"{test_plugin_path}{os.pathsep}{existing}" if existing else str(test_plugin_path)}
+
+
+Mounter = Callable[[Sequence[Mount]], Path]
+
+
+@pytest.fixture
+def mounter(tmp_path: Path) -> Iterator[Mounter]:
+    """``mounter(mounts)`` mounts on a fresh directory and returns it; everything is unmounted at teardown,
+    even when the test fails."""
+    targets: list[Path] = []
+
+    def mount(mounts: Sequence[Mount]) -> Path:
+        target = tmp_path / f"mnt{len(targets)}"
+        target.mkdir()
+        targets.append(target)
+        mount_all(mounts, target)
+        return target
+
+    try:
+        yield mount
+    finally:
+        for target in reversed(targets):
+            unmount_all(target)
+        assert not any(is_mountpoint(t) for t in targets)

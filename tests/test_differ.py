@@ -14,12 +14,13 @@ import os
 import re
 import stat
 import tarfile
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 import trio
 from btrfs_fixture import btrfs_root  # noqa: F401 (a fixture)
+from conftest import Mounter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from layer_corpus import Entry, build_layer, compress, generated_tree
@@ -27,7 +28,6 @@ from layer_corpus import Entry, build_layer, compress, generated_tree
 from berth.core.content import Store
 from berth.core.errdefs import FailedPrecondition, InvalidArgument
 from berth.core.oci import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor, chain_ids
-from berth.core.snapshots.mount import is_mountpoint, mount_all, unmount_all
 from berth.core.snapshots.snapshotter import Mount, Snapshotter
 from berth.plugins.content.local.store import LocalStore, MemoryLabelStore
 from berth.plugins.differ.walking import UNCOMPRESSED_LABEL, WalkingDiffer
@@ -41,27 +41,6 @@ pytestmark = [
 ]
 
 MEDIA = {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD, "": OCI_LAYER}
-Mounter = Callable[[Sequence[Mount]], Path]
-
-
-@pytest.fixture
-def mounter(tmp_path: Path) -> Iterator[Mounter]:
-    """``mounter(mounts)`` mounts on a fresh directory and returns it; everything unmounted at teardown."""
-    targets: list[Path] = []
-
-    def mount(mounts: Sequence[Mount]) -> Path:
-        target = tmp_path / f"mnt{len(targets)}"
-        target.mkdir()
-        targets.append(target)
-        mount_all(mounts, target)
-        return target
-
-    try:
-        yield mount
-    finally:
-        for target in reversed(targets):
-            unmount_all(target)
-        assert not any(is_mountpoint(t) for t in targets)
 
 
 @pytest.fixture

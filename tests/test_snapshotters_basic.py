@@ -9,14 +9,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from conftest import BerthdFactory
+from conftest import BerthdFactory, Mounter
 
 from berth.core.errdefs import AlreadyExists, FailedPrecondition, NotFound
-from berth.core.snapshots.mount import is_mountpoint, mount_all, unmount_all
+from berth.core.snapshots.mount import unmount_all
 from berth.core.snapshots.snapshotter import Info, Kind, Mount, Usage
 from berth.snapshotters.native.native import NativeSnapshotter
 from berth.snapshotters.overlayfs.overlayfs import (
@@ -32,29 +32,6 @@ pytestmark = [
 ]
 
 INDEX_OFF = ("index=off",) if Path("/sys/module/overlay/parameters/index").exists() else ()
-
-Mounter = Callable[[Sequence[Mount]], Path]
-
-
-@pytest.fixture
-def mounter(tmp_path: Path) -> Iterator[Mounter]:
-    """``mounter(mounts)`` mounts on a fresh directory and returns it; all unmounted at teardown."""
-    targets: list[Path] = []
-
-    def mount(mounts: Sequence[Mount]) -> Path:
-        target = tmp_path / f"mnt{len(targets)}"
-        target.mkdir()
-        targets.append(target)
-        mount_all(mounts, target)
-        return target
-
-    try:
-        yield mount
-    finally:
-        for target in reversed(targets):
-            unmount_all(target)
-        assert not any(is_mountpoint(t) for t in targets)
-
 
 def unmount(target: Path) -> None:
     unmount_all(target)
