@@ -8,16 +8,15 @@ a reproducible mix of many small files and a few big ones (for the benchmark and
 
 from __future__ import annotations
 
-import gzip
 import io
 import random
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import zstandard
+from imagebuild import compress  # one compressor for every test image and layer
 
-__all__ = ["MALICIOUS", "Entry", "Malicious", "build_layer", "compress", "generated_tree"]
+__all__ = ["CONTAINED", "MALICIOUS", "Contained", "Entry", "Malicious", "build_layer", "compress", "generated_tree"]
 
 _TYPES = {
     "file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
@@ -63,15 +62,6 @@ def build_layer(entries: Iterable[Entry]) -> bytes:
             else:
                 archive.addfile(info)
     return out.getvalue()
-
-
-def compress(data: bytes, compression: str) -> bytes:
-    """``data`` gzip- or zstd-compressed ("" leaves it plain)."""
-    if compression == "gzip":
-        return gzip.compress(data, compresslevel=6, mtime=0)
-    if compression == "zstd":
-        return zstandard.ZstdCompressor(level=3).compress(data)
-    return data
 
 
 @dataclass(frozen=True, slots=True)
