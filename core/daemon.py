@@ -19,6 +19,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
+import pluggy
 import structlog
 import trio
 
@@ -64,8 +65,10 @@ class Daemon:
         config: LoadedConfig,
         registrations: Sequence[Registration],
         load_errors: Sequence[LoadError] = (),
+        hooks: pluggy.PluginManager | None = None,
     ) -> None:
         self.loaded_config = config
+        self.hooks = hooks
         self.config = config.config
         self.registrations = list(registrations)
         self.load_errors = list(load_errors)
@@ -177,7 +180,7 @@ class Daemon:
         await trio.to_thread.run_sync(_make_dirs, root, state)
         context = InitContext(registration=registration, config=config, root=root, state=state, meta=meta,
                               nursery=nursery, log=plugin_log, plugins=self.plugins, server=self.server_info,
-                              config_files=tuple(self.loaded_config.files))
+                              config_files=tuple(self.loaded_config.files), hooks=self.hooks)
         started = time.perf_counter()
         try:
             instance = await registration.init(context)

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(tomli_w.dumps(loaded.effective_document()))
         return 0
     configure_logging(loaded.config.log.level, loaded.config.log.format)
-    daemon = Daemon(loaded, registrations, modules.errors)
+    daemon = Daemon(loaded, registrations, modules.errors, hooks=modules.manager)
     try:
         trio.run(run_daemon, daemon)
     except (BerthError, BaseExceptionGroup) as caught:

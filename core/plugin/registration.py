@@ -15,6 +15,7 @@ from berth.core.errdefs import BerthError, FailedPrecondition, InvalidArgument, 
 from berth.core.plugin.types import valid_type
 
 if TYPE_CHECKING:
+    import pluggy
     import trio
     from structlog.typing import FilteringBoundLogger
 
@@ -263,6 +264,8 @@ class InitContext:
         plugins: the plugins initialised before this one (lookups below).
         server: the daemon's identity (uuid, pid, start time, version).
         config_files: the config files the daemon read, main file first.
+        hooks: the pluggy manager of the loaded plugin modules (to call hooks such as
+            ``berth_adjust_spec``); ``None`` outside a daemon.
     """
 
     registration: Registration
@@ -275,6 +278,7 @@ class InitContext:
     plugins: PluginSet
     server: ServerInfo
     config_files: Sequence[Path] = ()
+    hooks: pluggy.PluginManager | None = None
 
     def get_single(self, plugin_type: str) -> Any:
         """See :meth:`PluginSet.get_single`."""

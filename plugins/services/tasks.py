@@ -1,0 +1,780 @@
+"""Tasks: ``io.berth.service.v1.tasks-service`` (running containers through shims) and its RPC wrapper
+``io.berth.rpc.v1.tasks`` (``tasks.*``, plus ``containers.new``, which makes a container from an image).
+
+A task is a container's running process tree. The service writes the bundle
+(``<state>/<ns>/<id>/config.json``, plus ``task.json`` saying which shim and runtime hold it), asks
+the container's group shim to create it, and from then on talks to that shim. Shims outlive the
+daemon: at start-up the service reconnects to every shim that has tasks (in parallel, bounded by
+``shim_load_timeout``). A task whose shim is gone is reported stopped with the exit status the shim
+recorded (255 if it recorded none), its leftover processes are killed through the runtime, and
+``delete`` cleans it up.
+
+Output: a task's stdout and stderr go to ``<root>/<ns>/<id>/log`` (unless ``log`` is off), to
+FIFOs, and to every attached caller (``tasks.attach``); ``tasks.logs`` reads the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import structlog
+import trio
+
+from berth.core.errdefs import (
+    AlreadyExists,
+    BerthError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from berth.core.events import Exchange
+from berth.core.identifiers import validate_identifier
+from berth.core.metadata.containers import Container, ContainerStore, Runtime
+from berth.core.metadata.images import ImageStore
+from berth.core.metadata.leases import LeaseManager
+from berth.core.namespaces import namespace_required, with_lease
+from berth.core.plugin import InitContext, PluginType, Registration, Registry, hookimpl
+from berth.core.rpc.args import typed_args
+from berth.core.rpc.server import Call, Handler, streaming
+from berth.core.snapshots.mount import mount_all, unmount_all
+from berth.plugins.gc.scheduler import Scheduler
+from berth.plugins.images.tree import image_config
+from berth.plugins.metadata.plugin import Metadata
+from berth.runtimes.oci import SpecOptions, apply_spec_adjustments, generate_spec, parse_mount
+from berth.runtimes.runc.command import RuntimeBinary
+from berth.runtimes.shim.manager import Shim, ShimManager
+from berth.runtimes.shim.service import read_exit_record
+
+log = structlog.get_logger("berth.tasks")
+
+#: A container label naming the shim that supervises it (containers with the same value share one).
+SHIM_GROUP_LABEL = "berth.io/shim.group"
+#: The exit status of a task whose shim died without recording one (containerd reports 255 too).
+UNKNOWN_EXIT = 255
+_LOG_CHUNK = 64 * 1024
+
+
+@dataclass(kw_only=True)
+class Config:
+    #: The runtime of containers that name none (a runtime plugin's id, e.g. ``runc`` or ``builtin``).
+    default_runtime: str = "runc"
+    #: The snapshotter ``containers.new`` uses when the call names none.
+    default_snapshotter: str = "overlayfs"
+    #: ``namespace``: one shim supervises all the containers of a namespace (the least memory);
+    #: ``container``: one shim each (containerd's default). The label ``berth.io/shim.group`` overrides.
+    shim_grouping: str = "namespace"
+    #: Where shims' sockets go (unix socket paths must be short).
+    shim_socket_dir: str = "/run/berth/s"
+    #: Seconds to reconnect to the running shims at start-up.
+    shim_load_timeout: float = 10.0
+
+
+@dataclass(kw_only=True)
+class TaskRecord:
+    """What the daemon keeps about a task (``<bundle>/task.json``): where it runs and how."""
+
+    namespace: str
+    id: str
+    group: str
+    runtime: RuntimeBinary
+    bundle: Path
+    log: str = ""
+    #: Set once the task's shim is gone: ``{"pid", "exit_status", "exited_at"}``.
+    lost: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"namespace": self.namespace, "id": self.id, "group": self.group,
+                           "runtime": self.runtime.to_wire(), "log": self.log})
+
+    @classmethod
+    def load(cls, path: Path) -> TaskRecord:
+        raw = json.loads(path.read_text())
+        return cls(namespace=raw["namespace"], id=raw["id"], group=raw["group"],
+                   runtime=RuntimeBinary.from_wire(raw["runtime"]), bundle=path.parent, log=raw.get("log", ""))
+
+
+@dataclass(kw_only=True)
+class StdioArgs:
+    stdin: bool = False
+    terminal: bool = False
+    #: Keep the output in the container's log file (``berth logs``).
+    log: bool = True
+    stdin_fifo: str = ""
+    stdout_fifo: str = ""
+    stderr_fifo: str = ""
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """What ``containers.new`` accepts on top of the image's config (see :class:`SpecOptions`)."""
+
+    args: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    cwd: str = ""
+    user: str = ""
+    #: ``type=bind,src=...,dst=...,options=rbind:ro`` strings or OCI mount objects.
+    mounts: list[Any] = field(default_factory=list)
+    read_only: bool = False
+    memory_limit: int = 0
+    cpus: float = 0.0
+    pids_limit: int = 0
+    privileged: bool = False
+    cap_add: list[str] = field(default_factory=list)
+    cap_drop: list[str] = field(default_factory=list)
+    seccomp: bool = False
+    annotations: dict[str, str] = field(default_factory=dict)
+    hostname: str = ""
+    tty: bool = False
+    #: Namespace paths to join, by type (``network``: ``/proc/<pid>/ns/net`` or a bind-mounted netns).
+    namespace_paths: dict[str, str] = field(default_factory=dict)
+
+    def spec_options(self) -> SpecOptions:
+        mounts = [parse_mount(m) if isinstance(m, str) else dict(m) for m in self.mounts]
+        return SpecOptions(args=self.args or None, env=self.env, cwd=self.cwd, user=self.user, mounts=mounts,
+                           read_only=self.read_only, memory_limit=self.memory_limit or None,
+                           cpus=self.cpus or None, pids_limit=self.pids_limit or None, privileged=self.privileged,
+                           cap_add=self.cap_add, cap_drop=self.cap_drop, seccomp=self.seccomp,
+                           annotations=self.annotations, hostname=self.hostname, tty=self.tty,
+                           namespace_paths=self.namespace_paths)
+
+
+class TaskService:
+    """Tasks of every namespace; methods act in the caller's namespace (the RPC call's)."""
+
+    def __init__(self, *, config: Config, metadata: Metadata, containers: ContainerStore, images: ImageStore,
+                 leases: LeaseManager, exchange: Exchange, runtimes: Mapping[str, RuntimeBinary], state: Path,
+                 root: Path, nursery: trio.Nursery, hooks: pluggy.PluginManager | None) -> None:
+        self.config = config
+        self.metadata = metadata
+        self.containers = containers
+        self.images = images
+        self.leases = leases
+        self.exchange = exchange
+        self.runtimes = dict(runtimes)
+        self.state = state
+        self.root = root
+        self.hooks = hooks
+        self.records: dict[tuple[str, str], TaskRecord] = {}
+        self.shims = ShimManager(directory=state / "shims", socket_dir=Path(config.shim_socket_dir),
+                                 exchange=exchange, nursery=nursery, on_gone=self._shim_gone)
+        self._create_locks: dict[tuple[str, str], trio.Lock] = {}
+
+    # ------------------------------------------------------------------ start-up and shutdown
+
+    async def load(self) -> None:
+        """Find the tasks of a previous run: reconnect to their shims, in parallel, each within
+        ``shim_load_timeout``; report those whose shim is gone as stopped."""
+        records = await trio.to_thread.run_sync(self._read_records)
+        groups = sorted({r.group for r in records} | set(self.shims.existing_groups()))
+        live: dict[str, set[tuple[str, str]]] = {}
+
+        async def reconnect(group: str) -> None:
+            with trio.move_on_after(self.config.shim_load_timeout):
+                try:
+                    shim = await self.shims.connect(group)
+                    listed = await shim.call("list", {}, namespace="default")
+                    live[group] = {(t["namespace"], t["id"]) for t in listed["tasks"]}
+                except BerthError as err:
+                    log.warning("shim_not_reconnected", group=group, error=str(err))
+
+        async with trio.open_nursery() as nursery:
+            for group in groups:
+                nursery.start_soon(reconnect, group)
+        for record in records:
+            self.records[(record.namespace, record.id)] = record
+            if (record.namespace, record.id) not in live.get(record.group, set()):
+                await self._mark_lost(record)
+        for group in groups:
+            if group not in live:
+                self.shims.kill(group)  # a shim that does not answer is of no use to anyone
+        log.info("tasks_loaded", tasks=len(records), shims=len(live),
+                 lost=sum(1 for r in records if r.lost is not None))
+
+    def _read_records(self) -> list[TaskRecord]:
+        records = []
+        for path in sorted(self.state.glob("*/*/task.json")):
+            try:
+                records.append(TaskRecord.load(path))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.warning("task_record_unreadable", path=str(path), error=str(err))
+        return records
+
+    async def aclose(self) -> None:
+        self.shims.close()
+
+    # ------------------------------------------------------------------ lookups
+
+    def _runtime(self, name: str) -> RuntimeBinary:
+        short = name.removeprefix(f"{PluginType.RUNTIME}.") or self.config.default_runtime
+        try:
+            return self.runtimes[short]
+        except KeyError:
+            loaded = ", ".join(sorted(self.runtimes)) or "none"
+            raise NotFound(f"runtime {name or short!r} is not loaded (loaded: {loaded})") from None
+
+    def _record(self, container_id: str) -> TaskRecord:
+        namespace = namespace_required()
+        try:
+            return self.records[(namespace, container_id)]
+        except KeyError:
+            raise NotFound(f"no task for container {container_id} in namespace {namespace}") from None
+
+    async def _shim(self, record: TaskRecord) -> Shim:
+        if record.lost is not None:
+            raise FailedPrecondition(f"task {record.id} has stopped (its shim is gone); delete it")
+        return await self.shims.get(record.group)
+
+    async def _call(self, container_id: str, method: str, args: dict[str, Any]) -> Any:
+        record = self._record(container_id)
+        shim = await self._shim(record)
+        return await shim.call(method, {"id": container_id, **args}, namespace=record.namespace)
+
+    def has_task(self, namespace: str, container_id: str) -> bool:
+        return (namespace, container_id) in self.records
+
+    def container_dir(self, namespace: str, container_id: str) -> Path:
+        """The container's persistent directory (its log, its ``/etc`` files)."""
+        return self.root / namespace / container_id
+
+    # ------------------------------------------------------------------ containers
+
+    async def new_container(self, container_id: str, image_name: str, *, options: RunOptions,
+                            snapshotter: str = "", runtime: str = "", labels: Mapping[str, str] | None = None
+                            ) -> Container:
+        """Make a container from an image: a snapshot prepared on the image's top layer (key: the
+        container id) and the spec generated from the image's config and ``options``.
+
+        Raises: NotFound (image, snapshotter, runtime, user); AlreadyExists; FailedPrecondition when
+        the image is not unpacked in the snapshotter; InvalidArgument for bad options.
+        """
+        namespace = namespace_required()
+        validate_identifier(container_id, "container id")
+        runtime_name = self._runtime(runtime).name
+        snapshotter_name = snapshotter or self.config.default_snapshotter
+        snapshots = self.metadata.snapshotters.get(snapshotter_name)
+        if snapshots is None:
+            raise NotFound(f"snapshotter {snapshotter_name!r} is not loaded")
+        image = await self.images.get(image_name)
+        resolved = await image_config(self.metadata.content, image.target)
+        try:
+            await snapshots.stat(resolved.chain_id)
+        except NotFound:
+            raise FailedPrecondition(f"image {image_name} is not unpacked in snapshotter {snapshotter_name} "
+                                     f"(pull or import it with --snapshotter {snapshotter_name})") from None
+        with contextlib.suppress(NotFound):
+            await self.containers.get(container_id)
+            raise AlreadyExists(f"container {container_id} already exists in namespace {namespace}")
+        spec_options = options.spec_options()
+        spec_options.etc_dir = self.container_dir(namespace, container_id) / "etc"
+        lease_id = f"new-container-{uuid.uuid4().hex[:16]}"
+        await self.leases.create(lease_id, {"berth.io/container": container_id}, expires_in=3600)
+        prepared = False
+        try:
+            with with_lease(lease_id):
+                mounts = await snapshots.prepare(container_id, resolved.chain_id)
+                prepared = True
+                scratch = self.state / ".spec" / uuid.uuid4().hex
+                await trio.to_thread.run_sync(lambda: scratch.mkdir(parents=True))
+                try:
+                    await trio.to_thread.run_sync(mount_all, mounts, scratch)
+                    try:
+                        spec = await generate_spec(container_id, resolved.config, spec_options,
+                                                   namespace=namespace, rootfs=scratch)
+                    finally:
+                        await trio.to_thread.run_sync(unmount_all, scratch)
+                finally:
+                    await trio.to_thread.run_sync(scratch.rmdir)
+                container = await self.containers.create(Container(
+                    id=container_id, runtime=Runtime(name=runtime_name), labels=dict(labels or {}),
+                    image=image.name, spec=spec, snapshotter=snapshotter_name, snapshot_key=container_id))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                if prepared:
+                    with contextlib.suppress(BerthError):
+                        await snapshots.remove(container_id)
+                await trio.to_thread.run_sync(
+                    lambda: shutil.rmtree(self.container_dir(namespace, container_id), ignore_errors=True))
+                await self.leases.delete(lease_id)
+            raise
+        await self.leases.delete(lease_id)
+        return container
+
+    async def forget_container(self, namespace: str, container_id: str) -> None:
+        """Remove a deleted container's directory (log, ``/etc`` files)."""
+        path = self.container_dir(namespace, container_id)
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _group(self, namespace: str, container: Container) -> str:
+        if container.labels.get(SHIM_GROUP_LABEL):
+            return validate_identifier(container.labels[SHIM_GROUP_LABEL], f"label {SHIM_GROUP_LABEL}")
+        if self.config.shim_grouping == "container":
+            return f"{namespace}.{container.id}"[:76]
+        return namespace
+
+    async def create(self, container_id: str, stdio: StdioArgs) -> dict[str, Any]:
+        """Create the task of a container (its init blocked until :meth:`start`); return its pid.
+
+        Raises: NotFound (container, runtime, snapshot); AlreadyExists (a task exists); the shim's and
+        the runtime's errors (nothing is left behind then).
+        """
+        namespace = namespace_required()
+        key = (namespace, container_id)
+        async with self._create_locks.setdefault(key, trio.Lock()):
+            if key in self.records:
+                raise AlreadyExists(f"task for container {container_id} already exists")
+            container = await self.containers.get(container_id)
+            runtime = self._runtime(container.runtime.name)
+            runtime = dataclasses.replace(runtime, root=str(Path(runtime.root) / namespace))
+            rootfs: list[dict[str, Any]] = []
+            if container.snapshot_key:
+                snapshots = self.metadata.snapshotters.get(container.snapshotter)
+                if snapshots is None:
+                    raise NotFound(f"snapshotter {container.snapshotter!r} of container {container_id} is not loaded")
+                rootfs = [m.to_wire() for m in await snapshots.mounts(container.snapshot_key)]
+            spec = json.loads(json.dumps(container.spec))
+            if self.hooks is not None:
+                spec = await trio.to_thread.run_sync(apply_spec_adjustments, self.hooks, spec, container)
+            bundle = self.state / namespace / container_id
+            log_path = ""
+            if stdio.log:
+                log_path = str(self.container_dir(namespace, container_id) / "log")
+            record = TaskRecord(namespace=namespace, id=container_id, group=self._group(namespace, container),
+                                runtime=runtime, bundle=bundle, log=log_path)
+            await trio.to_thread.run_sync(self._write_bundle, record, spec)
+            shim: Shim | None = None
+            try:
+                shim = await self.shims.get(record.group)
+                result = await shim.call("create", {
+                    "id": container_id, "bundle": str(bundle), "runtime": runtime.to_wire(), "rootfs": rootfs,
+                    "stdio": {"stdin": stdio.stdin, "terminal": stdio.terminal, "log": log_path,
+                              "stdin_fifo": stdio.stdin_fifo, "stdout_fifo": stdio.stdout_fifo,
+                              "stderr_fifo": stdio.stderr_fifo}}, namespace=namespace)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(lambda: shutil.rmtree(bundle, ignore_errors=True))
+                    if shim is not None and not any(r.group == record.group for r in self.records.values()):
+                        await self.shims.shutdown(record.group)
+                raise
+            self.records[key] = record
+            return {"pid": result["pid"]}
+
+    def _write_bundle(self, record: TaskRecord, spec: dict[str, Any]) -> None:
+        if record.bundle.exists():  # left by a crash between writing it and creating the task
+            unmount_all(record.bundle / "rootfs")
+            shutil.rmtree(record.bundle)
+        record.bundle.mkdir(parents=True, mode=0o700)
+        (record.bundle / "config.json").write_text(json.dumps(spec))
+        (record.bundle / "task.json").write_text(record.to_json())
+        if record.log:
+            Path(record.log).parent.mkdir(parents=True, exist_ok=True)
+
+    async def start(self, container_id: str, exec_id: str = "") -> dict[str, Any]:
+        return await self._call(container_id, "start", {"exec_id": exec_id})  # type: ignore[no-any-return]
+
+    async def kill(self, container_id: str, signal: int, *, all_processes: bool = False,
+                   exec_id: str = "") -> None:
+        if not 0 < signal < 65:
+            raise InvalidArgument(f"signal {signal} is out of range (1-64)")
+        await self._call(container_id, "kill", {"signal": signal, "all": all_processes, "exec_id": exec_id})
+
+    async def wait(self, container_id: str, exec_id: str = "") -> dict[str, Any]:
+        """Wait for the process to exit: ``{"pid", "exit_status", "exited_at"}``."""
+        record = self._record(container_id)
+        if record.lost is not None and not exec_id:
+            return dict(record.lost)
+        shim = await self._shim(record)
+        try:
+            return await shim.call("wait", {"id": container_id, "exec_id": exec_id},  # type: ignore[no-any-return]
+                                   namespace=record.namespace)
+        except Unavailable:
+            await shim.gone.wait()  # the shim died while we waited: its exit record is the answer
+            if record.lost is not None and not exec_id:
+                return dict(record.lost)
+            raise
+
+    async def exec(self, container_id: str, exec_id: str, process: dict[str, Any], stdio: StdioArgs) -> None:
+        """Add an exec process (start it with :meth:`start` and its exec id). Its output is not logged."""
+        await self._call(container_id, "exec", {
+            "exec_id": exec_id, "process": process,
+            "stdio": {"stdin": stdio.stdin, "terminal": stdio.terminal, "stdin_fifo": stdio.stdin_fifo,
+                      "stdout_fifo": stdio.stdout_fifo, "stderr_fifo": stdio.stderr_fifo}})
+
+    async def delete(self, container_id: str, exec_id: str = "") -> dict[str, Any]:
+        """Delete a stopped process; for the init, the whole task. Returns its exit status.
+
+        Raises: FailedPrecondition while it runs.
+        """
+        record = self._record(container_id)
+        if exec_id:
+            return await self._call(container_id, "delete", {"exec_id": exec_id})  # type: ignore[no-any-return]
+        if record.lost is not None:
+            result = dict(record.lost)
+            await self._cleanup_lost(record)
+            self.exchange.publish(record.namespace, "/tasks/delete", {
+                "container_id": record.id, "id": record.id, **result})
+        else:
+            shim = await self._shim(record)
+            result = await shim.call("delete", {"id": container_id}, namespace=record.namespace)
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(record.bundle, ignore_errors=True))
+        del self.records[(record.namespace, record.id)]
+        if not any(r.group == record.group for r in self.records.values()):
+            await self.shims.shutdown(record.group)
+        return result
+
+    async def pause(self, container_id: str) -> None:
+        await self._call(container_id, "pause", {})
+
+    async def resume(self, container_id: str) -> None:
+        await self._call(container_id, "resume", {})
+
+    async def pids(self, container_id: str) -> list[dict[str, Any]]:
+        return (await self._call(container_id, "pids", {}))["processes"]  # type: ignore[no-any-return]
+
+    async def metrics(self, container_id: str) -> dict[str, Any]:
+        return (await self._call(container_id, "stats", {}))["stats"]  # type: ignore[no-any-return]
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        await self._call(container_id, "update", {"resources": resources})
+
+    async def write(self, container_id: str, data: bytes, exec_id: str = "") -> None:
+        await self._call(container_id, "write", {"data": data, "exec_id": exec_id})
+
+    async def close_io(self, container_id: str, exec_id: str = "") -> None:
+        await self._call(container_id, "close_io", {"exec_id": exec_id})
+
+    async def resize(self, container_id: str, width: int, height: int, exec_id: str = "") -> None:
+        await self._call(container_id, "resize", {"width": width, "height": height, "exec_id": exec_id})
+
+    @contextlib.asynccontextmanager
+    async def attach(self, container_id: str, exec_id: str = "") -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """The process's output from now on: ``{"attached": true}`` first, then ``{"stdout"|"stderr": bytes}``
+        items, ending with its output."""
+        record = self._record(container_id)
+        shim = await self._shim(record)
+        async with shim.stream("attach", {"id": container_id, "exec_id": exec_id},
+                               namespace=record.namespace) as items:
+            yield items
+
+    async def get(self, container_id: str, exec_id: str = "") -> dict[str, Any]:
+        """The state of a task (``status``: created, running, paused, stopped) or of an exec process."""
+        record = self._record(container_id)
+        if record.lost is not None:
+            return {"id": record.id, "namespace": record.namespace, "runtime": record.runtime.name,
+                    "status": "stopped", "exec_id": "", "execs": [], **record.lost}
+        return await self._call(container_id, "state", {"exec_id": exec_id})  # type: ignore[no-any-return]
+
+    async def list_tasks(self) -> list[dict[str, Any]]:
+        namespace = namespace_required()
+        ids = sorted(cid for ns, cid in self.records if ns == namespace)
+        states: dict[str, dict[str, Any]] = {}
+
+        async def one(container_id: str) -> None:
+            with contextlib.suppress(NotFound):
+                states[container_id] = await self.get(container_id)
+
+        async with trio.open_nursery() as nursery:
+            for container_id in ids:
+                nursery.start_soon(one, container_id)
+        return [states[cid] for cid in ids if cid in states]
+
+    async def logs(self, container_id: str, *, follow: bool) -> AsyncIterator[bytes]:
+        """The container's log file from its start; with ``follow``, then what is written until the task
+        stops. Raises: NotFound when the container has no log."""
+        namespace = namespace_required()
+        path = self.container_dir(namespace, container_id) / "log"
+        try:
+            fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"container {container_id} has no log in namespace {namespace}") from None
+        try:
+            while True:
+                chunk = await trio.to_thread.run_sync(os.read, fd, _LOG_CHUNK)
+                if chunk:
+                    yield chunk
+                    continue
+                if not follow or not await self._still_running(namespace, container_id):
+                    final = await trio.to_thread.run_sync(os.read, fd, _LOG_CHUNK)
+                    if not final:
+                        return
+                    yield final
+                    continue
+                await trio.sleep(0.1)
+        finally:
+            os.close(fd)
+
+    async def _still_running(self, namespace: str, container_id: str) -> bool:
+        record = self.records.get((namespace, container_id))
+        if record is None or record.lost is not None:
+            return False
+        with contextlib.suppress(BerthError):
+            state = await (await self._shim(record)).call("state", {"id": container_id}, namespace=namespace)
+            return state["status"] != "stopped"
+        return False
+
+    # ------------------------------------------------------------------ shims that die
+
+    async def _shim_gone(self, group: str) -> None:
+        log.warning("shim_gone", group=group)
+        for record in [r for r in self.records.values() if r.group == group and r.lost is None]:
+            await self._mark_lost(record)
+
+    async def _mark_lost(self, record: TaskRecord) -> None:
+        """The task's shim is gone: kill what is left of the container and report it stopped."""
+        recorded = await trio.to_thread.run_sync(read_exit_record, record.bundle)
+        pid = 0
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((record.bundle / "init.pid").read_text())
+        await self._runtime_force_delete(record)
+        exit_status, exited_at = recorded if recorded is not None else (UNKNOWN_EXIT, time.time())
+        record.lost = {"pid": pid, "exit_status": exit_status, "exited_at": exited_at}
+        log.warning("task_lost_shim", container_id=record.id, namespace=record.namespace, exit_status=exit_status,
+                    recorded=recorded is not None)
+        self.exchange.publish(record.namespace, "/tasks/exit", {
+            "container_id": record.id, "id": record.id, **record.lost})
+
+    async def _runtime_force_delete(self, record: TaskRecord) -> None:
+        runtime = record.runtime
+        with trio.move_on_after(30):
+            result = await trio.run_process(
+                [runtime.binary, "--root", runtime.root, "delete", "--force", record.id],
+                capture_stdout=True, capture_stderr=True, check=False, stdin=b"")
+            if result.returncode != 0 and b"does not exist" not in result.stderr:
+                log.warning("runtime_delete_failed", container_id=record.id,
+                            error=result.stderr.decode(errors="replace").strip())
+
+    async def _cleanup_lost(self, record: TaskRecord) -> None:
+        await self._runtime_force_delete(record)
+
+        def remove() -> None:
+            unmount_all(record.bundle / "rootfs")
+            shutil.rmtree(record.bundle, ignore_errors=True)
+
+        await trio.to_thread.run_sync(remove)
+
+
+# ---------------------------------------------------------------------- RPC
+
+
+@dataclass(kw_only=True)
+class NewContainerArgs:
+    id: str
+    image: str
+    snapshotter: str = ""
+    runtime: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    options: RunOptions = field(default_factory=RunOptions)
+
+
+@dataclass(kw_only=True)
+class CreateArgs:
+    container_id: str
+    stdio: StdioArgs = field(default_factory=StdioArgs)
+
+
+@dataclass(kw_only=True)
+class ProcessArgs:
+    container_id: str
+    exec_id: str = ""
+
+
+@dataclass(kw_only=True)
+class KillArgs:
+    container_id: str
+    signal: int = 15
+    all: bool = False
+    exec_id: str = ""
+
+
+@dataclass(kw_only=True)
+class ExecArgs:
+    container_id: str
+    exec_id: str
+    process: dict[str, Any]
+    stdio: StdioArgs = field(default_factory=StdioArgs)
+
+
+@dataclass(kw_only=True)
+class WriteArgs:
+    container_id: str
+    data: bytes
+    exec_id: str = ""
+
+
+@dataclass(kw_only=True)
+class ResizeArgs:
+    container_id: str
+    width: int
+    height: int
+    exec_id: str = ""
+
+
+@dataclass(kw_only=True)
+class UpdateArgs:
+    container_id: str
+    resources: dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class LogsArgs:
+    container_id: str
+    follow: bool = False
+
+
+@dataclass(kw_only=True)
+class NoArgs:
+    pass
+
+
+class TasksRPC:
+    def __init__(self, service: TaskService) -> None:
+        self.service = service
+
+    @typed_args(NewContainerArgs)
+    async def new_container(self, call: Call, args: NewContainerArgs) -> dict[str, Any]:
+        container = await self.service.new_container(args.id, args.image, options=args.options,
+                                                     snapshotter=args.snapshotter, runtime=args.runtime,
+                                                     labels=args.labels)
+        return {"container": container.to_wire()}
+
+    @typed_args(CreateArgs)
+    async def create(self, call: Call, args: CreateArgs) -> dict[str, Any]:
+        return await self.service.create(args.container_id, args.stdio)
+
+    @typed_args(ProcessArgs)
+    async def start(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
+        return await self.service.start(args.container_id, args.exec_id)
+
+    @typed_args(KillArgs)
+    async def kill(self, call: Call, args: KillArgs) -> dict[str, Any]:
+        await self.service.kill(args.container_id, args.signal, all_processes=args.all, exec_id=args.exec_id)
+        return {}
+
+    @typed_args(ProcessArgs)
+    async def wait(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
+        return await self.service.wait(args.container_id, args.exec_id)
+
+    @typed_args(ExecArgs)
+    async def exec(self, call: Call, args: ExecArgs) -> dict[str, Any]:
+        await self.service.exec(args.container_id, args.exec_id, args.process, args.stdio)
+        return {}
+
+    @typed_args(ProcessArgs)
+    async def delete(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
+        return await self.service.delete(args.container_id, args.exec_id)
+
+    @typed_args(ProcessArgs)
+    async def pause(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
+        await self.service.pause(args.container_id)
+        return {}
+
+    @typed_args(ProcessArgs)
+    async def resume(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
+        await self.service.resume(args.container_id)
+        return {}
+
+    @typed_args(ProcessArgs)
+    async def pids(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
+        return {"processes": await self.service.pids(args.container_id)}
+
+    @typed_args(ProcessArgs)
+    async def metrics(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
+        return {"metrics": await self.service.metrics(args.container_id)}
+
+    @typed_args(UpdateArgs)
+    async def update(self, call: Call, args: UpdateArgs) -> dict[str, Any]:
+        await self.service.update(args.container_id, args.resources)
+        return {}
+
+    @typed_args(WriteArgs)
+    async def write(self, call: Call, args: WriteArgs) -> dict[str, Any]:
+        await self.service.write(args.container_id, args.data, args.exec_id)
+        return {}
+
+    @typed_args(ProcessArgs)
+    async def close_io(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
+        await self.service.close_io(args.container_id, args.exec_id)
+        return {}
+
+    @typed_args(ResizeArgs)
+    async def resize(self, call: Call, args: ResizeArgs) -> dict[str, Any]:
+        await self.service.resize(args.container_id, args.width, args.height, args.exec_id)
+        return {}
+
+    @streaming
+    @typed_args(ProcessArgs)
+    async def attach(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
+        async with self.service.attach(args.container_id, args.exec_id) as items:
+            async for item in items:
+                await call.send(item)
+        return {}
+
+    @streaming
+    @typed_args(LogsArgs)
+    async def logs(self, call: Call, args: LogsArgs) -> dict[str, Any]:
+        async for chunk in self.service.logs(args.container_id, follow=args.follow):
+            await call.send({"data": chunk})
+        return {}
+
+    @typed_args(ProcessArgs)
+    async def get(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
+        return {"task": await self.service.get(args.container_id, args.exec_id)}
+
+    @typed_args(NoArgs)
+    async def list_tasks(self, call: Call, args: NoArgs) -> dict[str, Any]:
+        return {"tasks": await self.service.list_tasks()}
+
+    def rpc_methods(self) -> Mapping[str, Handler]:
+        return {"containers.new": self.new_container, "tasks.create": self.create, "tasks.start": self.start,
+                "tasks.kill": self.kill, "tasks.wait": self.wait, "tasks.exec": self.exec,
+                "tasks.delete": self.delete, "tasks.pause": self.pause, "tasks.resume": self.resume,
+                "tasks.pids": self.pids, "tasks.metrics": self.metrics, "tasks.update": self.update,
+                "tasks.write": self.write, "tasks.close_io": self.close_io, "tasks.resize": self.resize,
+                "tasks.attach": self.attach, "tasks.logs": self.logs, "tasks.get": self.get,
+                "tasks.list": self.list_tasks}
+
+
+async def init_service(ic: InitContext) -> TaskService:
+    config: Config = ic.config
+    if config.shim_grouping not in ("namespace", "container"):
+        raise InvalidArgument(f"shim_grouping must be 'namespace' or 'container', not {config.shim_grouping!r}")
+    runtimes = {name: runtime for name, runtime in ic.get_by_type(PluginType.RUNTIME).items()
+                if isinstance(runtime, RuntimeBinary)}
+    metadata: Metadata = ic.get_single(PluginType.METADATA)
+    exchange: Exchange = ic.get_single(PluginType.EVENT)
+    scheduler: Scheduler = ic.get_single(PluginType.GC)
+    service = TaskService(config=config, metadata=metadata,
+                          containers=ContainerStore(metadata.db, exchange.publish, on_delete=metadata.notify_deletion),
+                          images=ImageStore(metadata.db, exchange.publish, collect=scheduler.collect_now,
+                                            on_delete=metadata.notify_deletion),
+                          leases=ic.get_single(PluginType.LEASE), exchange=exchange,
+                          runtimes=runtimes, state=ic.state, root=ic.root, nursery=ic.nursery, hooks=ic.hooks)
+    ic.meta.exports.update({"runtimes": ",".join(sorted(runtimes)), "default_runtime": config.default_runtime})
+    await service.load()
+    return service
+
+
+async def init_rpc(ic: InitContext) -> TasksRPC:
+    return TasksRPC(ic.get_by_id(PluginType.SERVICE, "tasks-service"))
+
+
+@hookimpl
+def berth_register(registry: Registry) -> None:
+    registry.register(Registration(type=PluginType.SERVICE, id="tasks-service", config=Config, init=init_service,
+                                   requires=(PluginType.METADATA, PluginType.EVENT, PluginType.LEASE,
+                                             PluginType.GC, PluginType.RUNTIME)))
+    registry.register(Registration(type=PluginType.RPC, id="tasks", init=init_rpc,
+                                   requires=(PluginType.SERVICE,)))
