@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import tomli_w
+from taskcleanup import cleanup_tasks
 
 from berth.client.sync import Client
 from berth.core.errdefs import BerthError
@@ -215,6 +216,8 @@ class BerthdFactory:
     def close(self) -> None:
         for daemon in self.processes:
             daemon.stop()
+        for daemon in self.processes:
+            cleanup_tasks(daemon.state)
         for path in self._socket_dirs:
             shutil.rmtree(path, ignore_errors=True)
 
