@@ -79,6 +79,9 @@ class Config:
     shim_socket_dir: str = "/run/berth/s"
     #: Seconds to reconnect to the running shims at start-up.
     shim_load_timeout: float = 10.0
+    #: Seconds a shim with no task left waits for a new one before it exits (starting a shim costs a
+    #: Python start-up; a warm one makes the next ``create`` of its group fast).
+    shim_idle_timeout: float = 60.0
 
 
 @dataclass(kw_only=True)
@@ -170,6 +173,10 @@ class TaskService:
         self.shims = ShimManager(directory=state / "shims", socket_dir=Path(config.shim_socket_dir),
                                  exchange=exchange, nursery=nursery, on_gone=self._shim_gone)
         self._create_locks: dict[tuple[str, str], trio.Lock] = {}
+        self._nursery = nursery
+        #: Per group: creates in progress, and the pending idle shutdown's cancel scope.
+        self._creating: dict[str, int] = {}
+        self._idle: dict[str, trio.CancelScope] = {}
 
     # ------------------------------------------------------------------ start-up and shutdown
 
@@ -199,6 +206,8 @@ class TaskService:
         for group in groups:
             if group not in live:
                 self.shims.kill(group)  # a shim that does not answer is of no use to anyone
+            elif not live[group]:
+                self._release_group(group)
         log.info("tasks_loaded", tasks=len(records), shims=len(live),
                  lost=sum(1 for r in records if r.lost is not None))
 
@@ -356,6 +365,7 @@ class TaskService:
                                 runtime=runtime, bundle=bundle, log=log_path)
             await trio.to_thread.run_sync(self._write_bundle, record, spec)
             shim: Shim | None = None
+            self._hold_group(record.group)
             try:
                 shim = await self.shims.get(record.group)
                 result = await shim.call("create", {
@@ -366,11 +376,42 @@ class TaskService:
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(lambda: shutil.rmtree(bundle, ignore_errors=True))
-                    if shim is not None and not any(r.group == record.group for r in self.records.values()):
-                        await self.shims.shutdown(record.group)
                 raise
-            self.records[key] = record
+            else:
+                self.records[key] = record
+            finally:
+                self._unhold_group(record.group)
             return {"pid": result["pid"]}
+
+    def _hold_group(self, group: str) -> None:
+        """A create for ``group`` begins: its shim must not exit for being idle."""
+        self._creating[group] = self._creating.get(group, 0) + 1
+        scope = self._idle.pop(group, None)
+        if scope is not None:
+            scope.cancel()
+
+    def _unhold_group(self, group: str) -> None:
+        self._creating[group] -= 1
+        if not self._creating[group]:
+            del self._creating[group]
+            self._release_group(group)
+
+    def _release_group(self, group: str) -> None:
+        """If ``group`` has no task and no create in progress, stop its shim after ``shim_idle_timeout``."""
+        if group in self._creating or any(r.group == group for r in self.records.values()):
+            return
+        previous = self._idle.pop(group, None)
+        if previous is not None:
+            previous.cancel()
+        scope = self._idle[group] = trio.CancelScope()
+        self._nursery.start_soon(self._idle_shutdown, group, scope)
+
+    async def _idle_shutdown(self, group: str, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(self.config.shim_idle_timeout)
+            if self._idle.get(group) is scope:
+                del self._idle[group]
+                await self.shims.shutdown(group)
 
     def _write_bundle(self, record: TaskRecord, spec: dict[str, Any]) -> None:
         if record.bundle.exists():  # left by a crash between writing it and creating the task
@@ -431,8 +472,7 @@ class TaskService:
             result = await shim.call("delete", {"id": container_id}, namespace=record.namespace)
             await trio.to_thread.run_sync(lambda: shutil.rmtree(record.bundle, ignore_errors=True))
         del self.records[(record.namespace, record.id)]
-        if not any(r.group == record.group for r in self.records.values()):
-            await self.shims.shutdown(record.group)
+        self._release_group(record.group)
         return result
 
     async def pause(self, container_id: str) -> None:

@@ -132,6 +132,7 @@ class ShimManager:
     async def _hold(self, group: str, directory: Path, address: str, pid: int,
                     task_status: trio.TaskStatus[Shim]) -> None:
         shim: Shim | None = None
+        failure = ""
         try:
             async with open_client(address) as client, client.stream("shim.events", {}) as events:
                 async for item in events:
@@ -140,21 +141,16 @@ class ShimManager:
                         task_status.started(shim)
                         continue
                     self._forward(group, item)
-        except BerthError as err:
-            if shim is None:
-                raise Unavailable(f"shim {group} at {address} does not answer: {err}") from None
-            log.warning("shim_connection_lost", group=group, pid=pid, error=str(err))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
-            if shim is None:
-                raise Unavailable(f"shim {group} at {address} does not answer: {err}") from None
-            log.warning("shim_connection_lost", group=group, pid=pid, error=str(err))
+        except* (BerthError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as group_error:
+            failure = "; ".join(str(e) for e in group_error.exceptions)
         finally:
             if shim is not None:
                 shim.gone.set()
                 if self.shims.get(group) is shim:
                     del self.shims[group]
         if shim is None:
-            raise Unavailable(f"shim {group} at {address} closed the connection")
+            raise Unavailable(f"shim {group} at {address} does not answer: {failure or 'connection closed'}")
+        log.info("shim_disconnected", group=group, pid=pid, reason=failure or "connection closed")
         if not self._closing:
             try:
                 await self.on_gone(group)
@@ -176,12 +172,21 @@ class ShimManager:
             return []
 
     async def shutdown(self, group: str) -> None:
-        """Ask the shim of ``group`` to exit if it supervises nothing any more."""
-        shim = self.shims.get(group)
-        if shim is None:
-            return
-        with contextlib.suppress(BerthError):
-            await shim.call("shutdown", {}, namespace="default")
+        """Ask the shim of ``group`` to exit if it supervises nothing any more, and wait until it has
+        (so that a later :meth:`get` starts a fresh one)."""
+        async with self._locks.setdefault(group, trio.Lock()):
+            shim = self.shims.get(group)
+            if shim is None:
+                return
+            with contextlib.suppress(BerthError):
+                answer = await shim.call("shutdown", {}, namespace="default")
+                if answer.get("stopping"):
+                    with trio.move_on_after(5):
+                        await shim.gone.wait()
+                    for _ in range(500):  # its socket path is the next shim's: let it go first
+                        if not _alive(shim.pid):
+                            break
+                        await trio.sleep(0.01)
 
     def kill(self, group: str) -> None:
         """SIGKILL the shim of ``group`` by its recorded pid (it does not answer)."""
@@ -196,6 +201,15 @@ class ShimManager:
     def close(self) -> None:
         """The daemon is stopping: connections ending now are not shims dying."""
         self._closing = True
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _is_shim(pid: int) -> bool:

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 import trio
 
-from berth.core.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from berth.core.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from berth.core.identifiers import validate_identifier
 from berth.core.rpc.args import typed_args
 from berth.core.rpc.server import Call, Handler, streaming
@@ -282,6 +282,8 @@ class ShimService:
         On failure nothing is left: no runtime state, mount or descriptor.
         """
         validate_identifier(args.id, "container id")
+        if self.stop.is_set():
+            raise Unavailable("the shim is shutting down")
         key = (call.namespace, args.id)
         if key in self.tasks:
             raise AlreadyExists(f"task {args.id} already exists in namespace {call.namespace}")
