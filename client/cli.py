@@ -18,7 +18,14 @@
                pull [--plain-http] [--platform P | --all-platforms] [--snapshotter S] [--no-unpack] REF |
                push [--plain-http] REF [DEST] | import [--base-name N] [--no-unpack] FILE | export FILE REF...
         containers ls [-q] [--format table|json] [FILTER...] | info ID | rm [--snapshot-cleanup] ID... |
-                   label ID [KEY=VALUE...]
+                   label ID [KEY=VALUE...] | create [RUN OPTIONS] IMAGE ID [CMD...]
+        run [--rm] [-d] [-t] [--runtime R] [--snapshotter S] [--env K=V]... [--mount SPEC]... [--cwd D]
+            [--user U] [--memory-limit SIZE] [--cpus N] [--pids-limit N] [--read-only] [--privileged]
+            [--cap-add C]... [--cap-drop C]... [--seccomp] [--hostname H] [--label K=V]... IMAGE ID [CMD...]
+        tasks ls | start [-d] [-t] ID | kill [-s SIG] [-a] [--exec-id E] ID | rm [-f] ID... |
+              exec --exec-id E [-t] [-d] [--cwd D] [--env K=V] [--user UID[:GID]] ID CMD... | attach ID |
+              ps ID | pause ID | resume ID | metrics [--format table|json] ID
+        logs [-f] ID
         events [--format json] [FILTER...]
 
 ``BERTH_ADDRESS`` and ``BERTH_NAMESPACE`` set the defaults of ``--address`` and ``--namespace``;
@@ -40,6 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from berth.client import taskcmds
 from berth.client.sync import DEFAULT_ADDRESS, DEFAULT_NAMESPACE, Client, default_address, default_namespace
 from berth.core import __version__
 from berth.core.errdefs import AlreadyExists, BerthError, InvalidArgument, NotFound
@@ -835,6 +843,9 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
         co_label = add(c_sub, "label", cmd_containers_label, "set labels (an empty VALUE removes the label)")
         co_label.add_argument("id")
         co_label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+        taskcmds.add_container_create(c_sub, add)
+
+    taskcmds.add_commands(commands, add, want)
 
     events = add(commands, "events", cmd_events, "print events as they happen", ["event"])
     events.add_argument("--format", choices=["text", "json"], default="text")

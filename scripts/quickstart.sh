@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # berth's main job, end to end, on a fresh Debian 12 machine (run as root):
 # install berth, start berthd on its default config, talk to it with the `berth` CLI, build a small
-# busybox image locally (no internet), import it (unpacked into overlayfs), look into it, stop berthd.
+# busybox image locally (no internet), import it (unpacked into overlayfs), run containers from it
+# (one that prints a greeting, one detached whose log is followed), stop berthd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -55,17 +56,17 @@ write_oci_archive(sys.argv[1], {"localhost/busybox:latest": busybox_image()})
 PY
 imported=$("$berth" --address "$address" images import "$work/busybox.tar")
 echo "$imported"
-chain=${imported##* unpacked }
 "$berth" --address "$address" images ls
 "$berth" --address "$address" images check
-echo "== the unpacked root filesystem (snapshot $chain), mounted read-only"
-mkdir -p "$work/rootfs"
-"$berth" --address "$address" snapshots view --label berth.io/gc.root=quickstart quickstart-view "$chain" >/dev/null
-"$berth" --address "$address" snapshots mounts "$work/rootfs" quickstart-view | sh
-ls "$work/rootfs"
-ls "$work/rootfs/bin" | head -5
-umount "$work/rootfs"
-"$berth" --address "$address" snapshots rm quickstart-view
+echo "== berth run: a container from that image prints a greeting (its exit status is berth's)"
+"$berth" --address "$address" run --rm localhost/busybox:latest hello \
+    sh -c 'echo "Hello from berth: $(hostname), pid $$, $(id -un) in $(pwd)"'
+echo "== a detached one, its log, and its end"
+"$berth" --address "$address" run -d localhost/busybox:latest ticker sh -c 'for i in 1 2 3; do echo tick $i; sleep 0.2; done; exit 3'
+"$berth" --address "$address" tasks ls
+"$berth" --address "$address" logs --follow ticker
+"$berth" --address "$address" tasks rm ticker
+"$berth" --address "$address" containers rm ticker
 "$berth" --address "$address" images rm --sync localhost/busybox:latest
 rm -rf "$work"
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from berth.core.errdefs import NotFound
+from berth.core.errdefs import BerthError, FailedPrecondition, NotFound
 from berth.core.events import Exchange
 from berth.core.metadata.containers import Container, ContainerStore, Runtime
 from berth.core.metadata.snapshots import NamespacedSnapshotter
@@ -74,10 +74,20 @@ class ListArgs:
     filters: list[str] = field(default_factory=list)
 
 
+class TaskLookup(Protocol):
+    """What deleting a container asks the tasks service (when one is loaded)."""
+
+    def has_task(self, namespace: str, container_id: str) -> bool: ...
+
+    async def forget_container(self, namespace: str, container_id: str) -> None: ...
+
+
 class ContainersRPC:
-    def __init__(self, store: ContainerStore, snapshotters: Mapping[str, NamespacedSnapshotter]) -> None:
+    def __init__(self, store: ContainerStore, snapshotters: Mapping[str, NamespacedSnapshotter],
+                 tasks: TaskLookup | None = None) -> None:
         self.store = store
         self.snapshotters = snapshotters
+        self.tasks = tasks
 
     @typed_args(IdArgs)
     async def get(self, call: Call, args: IdArgs) -> dict[str, Any]:
@@ -97,7 +107,13 @@ class ContainersRPC:
 
     @typed_args(DeleteArgs)
     async def delete(self, call: Call, args: DeleteArgs) -> dict[str, Any]:
+        """Delete a container (refused while it has a task, as containerd's client does), its
+        directory of logs and ``/etc`` files, and with ``snapshot_cleanup`` its snapshot."""
+        if self.tasks is not None and self.tasks.has_task(call.namespace, args.id):
+            raise FailedPrecondition(f"container {args.id} has a task: delete the task first")
         container = await self.store.delete(args.id)
+        if self.tasks is not None:
+            await self.tasks.forget_container(call.namespace, args.id)
         if args.snapshot_cleanup and container.snapshot_key:
             snapshotter = self.snapshotters.get(container.snapshotter)
             if snapshotter is None:
@@ -122,7 +138,10 @@ async def init_store(ic: InitContext) -> ContainerStore:
 
 async def init_rpc(ic: InitContext) -> ContainersRPC:
     metadata: Metadata = ic.get_single(PluginType.METADATA)
-    return ContainersRPC(ic.get_by_id(PluginType.SERVICE, "containers-service"), metadata.snapshotters)
+    tasks: TaskLookup | None = None
+    with contextlib.suppress(BerthError):  # no tasks service loaded: no task can exist
+        tasks = ic.get_by_id(PluginType.SERVICE, "tasks-service")
+    return ContainersRPC(ic.get_by_id(PluginType.SERVICE, "containers-service"), metadata.snapshotters, tasks)
 
 
 @hookimpl

@@ -221,6 +221,11 @@ class TaskService:
         return records
 
     async def aclose(self) -> None:
+        """Let go of the shims: those with tasks keep running; idle ones are asked to exit."""
+        for group in list(self.shims.shims):
+            if group not in self._creating and not any(r.group == group for r in self.records.values()):
+                with trio.move_on_after(2):
+                    await self.shims.shutdown(group)
         self.shims.close()
 
     # ------------------------------------------------------------------ lookups

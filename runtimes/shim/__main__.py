@@ -13,6 +13,13 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import trio
+
+    from berth.core.rpc.server import RPCServer
+    from berth.runtimes.shim.service import ShimService
 
 
 def _serve(directory: Path, socket_path: Path, ready_fd: int) -> None:
@@ -38,19 +45,49 @@ def _serve(directory: Path, socket_path: Path, ready_fd: int) -> None:
             await nursery.start(service.run)
             await nursery.start(lambda task_status: serve_unix(server, socket_path, stop=stop, grace=1.0,
                                                                task_status=task_status))
+            nursery.start_soon(_exit_when_orphaned, server, service, stop)
             (directory / "address").write_text(str(socket_path))
             os.write(ready_fd, b"ok")
             os.close(ready_fd)
             await stop.wait()
             await trio.sleep(0.1)  # let the shutdown answer go out
+            _forget(directory)  # before the connections close: the daemon may start a new shim here then
             nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)
     finally:
-        for name in ("shim.pid", "address"):
-            with contextlib.suppress(OSError):
-                (directory / name).unlink()
+        _forget(directory)
+
+
+#: Seconds a shim with no task and no daemon connected waits before it exits.
+ORPHAN_TIMEOUT = 5.0
+
+
+async def _exit_when_orphaned(server: RPCServer, service: ShimService, stop: trio.Event) -> None:
+    """Stop the shim once it has had neither a task nor a connection for ``ORPHAN_TIMEOUT`` seconds
+    (a daemon that stopped, or died, cannot ask it to)."""
+    import trio
+
+    idle_since: float | None = None
+    while True:
+        await trio.sleep(0.5)
+        if service.tasks or server.connections:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = trio.current_time()
+        elif trio.current_time() - idle_since >= ORPHAN_TIMEOUT:
+            stop.set()
+            return
+
+
+def _forget(directory: Path) -> None:
+    """Remove this shim's ``address`` and ``shim.pid`` (not those of a newer shim in the same place)."""
+    with contextlib.suppress(OSError, ValueError):
+        if int((directory / "shim.pid").read_text()) == os.getpid():
+            for name in ("address", "shim.pid"):
+                with contextlib.suppress(OSError):
+                    (directory / name).unlink()
 
 
 def start(directory: Path, socket_path: Path) -> int:

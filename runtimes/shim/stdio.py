@@ -135,10 +135,10 @@ class ProcessIO:
             with trio.move_on_after(CONSOLE_TIMEOUT):
                 conn, _ = await listener.accept()
                 with conn:
-                    _, ancillary, _, _ = await conn.recvmsg(4096, socket.CMSG_SPACE(4 * _INT.itemsize))
+                    _, ancillary, _, _ = await conn.recvmsg(4096, socket.CMSG_SPACE(4 * _INT.size))
                 fds = [fd for level, kind, data in ancillary
                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                       for (fd,) in _INT.iter_unpack(data[:len(data) - len(data) % _INT.itemsize])]
+                       for (fd,) in _INT.iter_unpack(data[:len(data) - len(data) % _INT.size])]
                 if fds:
                     self._master = fds[0]
                     for extra in fds[1:]:
