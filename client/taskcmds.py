@@ -143,15 +143,15 @@ class _Attachment:
             return
         wanted: dict[int, Callable[[int, object], None]] = {int(signal.SIGWINCH): self._resize}
         if not self.tty:  # with a terminal, ^C is a byte for the process's own terminal
-            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                wanted[int(signum)] = self._forward
-        for signum, handler in wanted.items():
-            self._old_handlers[signum] = signal.signal(signum, handler)
+            for forwarded in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                wanted[int(forwarded)] = self._forward
+        for number, handler in wanted.items():
+            self._old_handlers[number] = signal.signal(number, handler)
         try:
             yield
         finally:
-            for signum, old in self._old_handlers.items():
-                signal.signal(signum, old)
+            for number, old in self._old_handlers.items():
+                signal.signal(number, old)
 
     def close(self) -> None:
         self._side.close()

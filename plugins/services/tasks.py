@@ -567,7 +567,7 @@ class TaskService:
             return False
         with contextlib.suppress(BerthError):
             state = await (await self._shim(record)).call("state", {"id": container_id}, namespace=namespace)
-            return state["status"] != "stopped"
+            return bool(state["status"] != "stopped")
         return False
 
     # ------------------------------------------------------------------ shims that die

@@ -188,7 +188,8 @@ class RuncCommand:
     async def stats(self, container_id: str) -> dict[str, Any]:
         """``events --stats``: one sample of the container's cgroup statistics."""
         event = json.loads(await self._run(["events", "--stats", container_id]))
-        return event.get("data") or {}  # type: ignore[no-any-return]
+        data: dict[str, Any] = event.get("data") or {}
+        return data
 
     async def update(self, container_id: str, resources: dict[str, Any]) -> None:
         await self._run(["update", "--resources", "-", container_id], stdin=json.dumps(resources).encode())
