@@ -32,9 +32,9 @@ from pathlib import Path
 from peers import start_containerd  # bench/peers.py, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from imagebuild import busybox_image, write_oci_archive  # noqa: E402 - the tests' image builder
+from imagebuild import busybox_image, write_oci_archive
 
-from berth.client.sync import Client  # noqa: E402
+from berth.client.sync import Client
 
 IMAGE = "localhost/busybox:latest"
 BERTH = str(Path(sysconfig.get_path("scripts")) / "berth")
@@ -59,7 +59,7 @@ def start_berthd(work: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     started = time.perf_counter()
-    result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, check=False)
+    result = subprocess.run(argv, capture_output=True, env=env, check=False)
     elapsed = time.perf_counter() - started
     if result.returncode != 0 or result.stdout.strip() != b"hi":
         raise SystemExit(f"{argv} failed ({result.returncode}): {result.stdout!r} {result.stderr!r}")
