@@ -34,6 +34,7 @@ from berth.core.rpc.server import Call, Handler, streaming
 from berth.core.snapshots.mount import mount_all, unmount_all
 from berth.core.snapshots.snapshotter import Mount
 from berth.runtimes.runc.command import RuncCommand, RuntimeBinary
+from berth.runtimes.shim.oom import watch_oom
 from berth.runtimes.shim.reaper import Reaper
 from berth.runtimes.shim.stdio import ProcessIO, StdioConfig
 
@@ -76,6 +77,8 @@ class Task:
     init: Process
     execs: dict[str, Process] = field(default_factory=dict)
     rootfs_mounted: bool = False
+    #: Cancels the task's OOM watch (at delete).
+    oom_watch: trio.CancelScope = field(default_factory=trio.CancelScope)
     #: Serialises the lifecycle steps (create/start/delete/pause/resume) of this task.
     lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -322,6 +325,7 @@ class ShimService:
                 task.init.pid = await self._read_pid(pid_file)
                 self.reaper.watch(task.init.pid, lambda code: self._on_exit(task, task.init, code))
                 await task.init.io.start(self.nursery)
+                self.nursery.start_soon(self._watch_oom, task)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(task, runtime_created=created)
@@ -332,8 +336,17 @@ class ShimService:
                                               "pid": task.init.pid, "io": stdio.to_wire()})
         return {"pid": task.init.pid}
 
+    async def _watch_oom(self, task: Task) -> None:
+        def oom() -> None:
+            log.warning("task_oom", container_id=task.id, namespace=task.namespace)
+            self._publish(task, "/tasks/oom", {"container_id": task.id})
+
+        with task.oom_watch:
+            await watch_oom(task.init.pid, oom)
+
     async def _discard(self, task: Task, *, runtime_created: bool) -> None:
         """Undo a create: the runtime's container, the rootfs mount, the stdio; forget the task."""
+        task.oom_watch.cancel()
         self.tasks.pop((task.namespace, task.id), None)
         if runtime_created:
             with contextlib.suppress(Exception):

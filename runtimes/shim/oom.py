@@ -1,0 +1,100 @@
+"""Noticing that the kernel's OOM killer struck inside a container's memory cgroup.
+
+cgroup v1: an eventfd registered on ``memory.oom_control`` through ``cgroup.event_control``; cgroup v2:
+the ``oom_kill`` counter of ``memory.events``, read every half second. The cgroup is the one the
+container's init is in (``/proc/<pid>/cgroup``), so it works whatever ``cgroupsPath`` the spec used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: How often the cgroup v2 counter is read.
+V2_POLL_INTERVAL = 0.5
+
+
+def memory_cgroup(pid: int) -> tuple[Path, int] | None:
+    """``(directory, version)`` of the memory cgroup ``pid`` is in, or ``None`` when there is none."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    unified = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return CGROUP_ROOT / "memory" / path.lstrip("/"), 1
+        if controllers == "":
+            unified = path
+    if unified is not None and (CGROUP_ROOT / "cgroup.controllers").exists():
+        directory = CGROUP_ROOT / unified.lstrip("/")
+        if (directory / "memory.events").exists():
+            return directory, 2
+    return None
+
+
+def _oom_kills(directory: Path, name: str = "memory.events") -> int:
+    """The ``oom_kill`` counter of ``memory.events`` (v2) or ``memory.oom_control`` (v1)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in (directory / name).read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    return 0
+
+
+async def watch_oom(pid: int, on_oom: Callable[[], None]) -> None:
+    """Call ``on_oom()`` each time a process in ``pid``'s memory cgroup is OOM-killed, until cancelled or
+    the cgroup goes. Returns at once when the memory controller is not available."""
+    found = await trio.to_thread.run_sync(memory_cgroup, pid)
+    if found is None:
+        return
+    directory, version = found
+    if version == 2:
+        seen = await trio.to_thread.run_sync(_oom_kills, directory)
+        while directory.exists():
+            await trio.sleep(V2_POLL_INTERVAL)
+            count = await trio.to_thread.run_sync(_oom_kills, directory)
+            if count > seen:
+                seen = count
+                on_oom()
+        return
+    try:
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    except OSError:
+        return
+    try:
+        await trio.to_thread.run_sync(_register_v1, directory, efd)
+        seen = await trio.to_thread.run_sync(_oom_kills, directory, "memory.oom_control")
+        while True:
+            await trio.lowlevel.wait_readable(efd)
+            try:
+                os.eventfd_read(efd)
+            except BlockingIOError:
+                continue
+            if not directory.exists():  # the cgroup's removal is signalled on the eventfd too
+                return
+            # One OOM can wake the eventfd several times; the kill counter says how many processes died.
+            count = await trio.to_thread.run_sync(_oom_kills, directory, "memory.oom_control")
+            if count > seen:
+                seen = count
+                on_oom()
+    except OSError:
+        return
+    finally:
+        os.close(efd)
+
+
+def _register_v1(directory: Path, efd: int) -> None:
+    control = os.open(directory / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with open(directory / "cgroup.event_control", "w") as f:
+            f.write(f"{efd} {control}")
+    finally:
+        os.close(control)
