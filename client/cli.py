@@ -21,7 +21,8 @@
                    label ID [KEY=VALUE...] | create [RUN OPTIONS] IMAGE ID [CMD...]
         run [--rm] [-d] [-t] [--runtime R] [--snapshotter S] [--env K=V]... [--mount SPEC]... [--cwd D]
             [--user U] [--memory-limit SIZE] [--cpus N] [--pids-limit N] [--read-only] [--privileged]
-            [--cap-add C]... [--cap-drop C]... [--seccomp] [--hostname H] [--label K=V]... IMAGE ID [CMD...]
+            [--cap-add C]... [--cap-drop C]... [--seccomp] [--hostname H] [--label K=V]...
+            [--net none|host|container:ID|NETWORK] [-p [IP:]HOST:CTR[/PROTO]]... IMAGE ID [CMD...]
         tasks ls | start [-d] [-t] ID | kill [-s SIG] [-a] [--exec-id E] ID | rm [-f] ID... |
               exec --exec-id E [-t] [-d] [--cwd D] [--env K=V] [--user UID[:GID]] ID CMD... | attach ID |
               ps ID | pause ID | resume ID | metrics [--format table|json] ID

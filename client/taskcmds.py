@@ -174,7 +174,8 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"env": args.env, "cwd": args.cwd, "user": args.user, "mounts": args.mount,
                                "read_only": args.read_only, "privileged": args.privileged,
                                "cap_add": args.cap_add, "cap_drop": args.cap_drop, "seccomp": args.seccomp,
-                               "hostname": args.hostname, "tty": args.tty}
+                               "hostname": args.hostname, "tty": args.tty, "network": args.net,
+                               "ports": args.publish}
     if args.args:
         options["args"] = args.args
     if args.memory_limit:
@@ -394,6 +395,10 @@ def _add_run_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--seccomp", action="store_true", help="apply the default seccomp profile")
     command.add_argument("--hostname", default="", help="default: the container id")
     command.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a container label")
+    command.add_argument("--net", default="", metavar="MODE",
+                         help="none (default: only lo), host, container:ID, or a network's name (bridge)")
+    command.add_argument("--publish", "-p", action="append", default=[], metavar="[IP:]HOST:CTR[/PROTO]",
+                         help="publish a port of a container on a named network (host IP default 127.0.0.1)")
     command.add_argument("image", metavar="IMAGE")
     command.add_argument("id", metavar="ID")
     command.add_argument("args", nargs=argparse.REMAINDER, metavar="CMD", help="the command (default: the image's)")

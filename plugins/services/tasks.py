@@ -45,6 +45,7 @@ from berth.core.metadata.containers import Container, ContainerStore, Runtime
 from berth.core.metadata.images import ImageStore
 from berth.core.metadata.leases import LeaseManager
 from berth.core.namespaces import namespace_required, with_lease
+from berth.core.network import Network, NetworkRequest, PortMapping
 from berth.core.plugin import InitContext, PluginType, Registration, Registry, hookimpl
 from berth.core.rpc.args import typed_args
 from berth.core.rpc.server import Call, Handler, streaming
@@ -61,6 +62,8 @@ log = structlog.get_logger("berth.tasks")
 
 #: A container label naming the shim that supervises it (containers with the same value share one).
 SHIM_GROUP_LABEL = "berth.io/shim.group"
+#: The container extension holding its :class:`NetworkRequest` (named networks only).
+NETWORK_EXTENSION = "berth.io/network"
 #: The exit status of a task whose shim died without recording one (containerd reports 255 too).
 UNKNOWN_EXIT = 255
 _LOG_CHUNK = 64 * 1024
@@ -142,6 +145,11 @@ class RunOptions:
     tty: bool = False
     #: Namespace paths to join, by type (``network``: ``/proc/<pid>/ns/net`` or a bind-mounted netns).
     namespace_paths: dict[str, str] = field(default_factory=dict)
+    #: ``none`` (the default: a network namespace with only ``lo``), ``host``, ``container:<id>`` (join
+    #: that container's), or the name of a network of the network plugin (``bridge``).
+    network: str = ""
+    #: Published ports, ``[HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]`` (a named network only).
+    ports: list[str] = field(default_factory=list)
 
     def spec_options(self) -> SpecOptions:
         mounts = [parse_mount(m) if isinstance(m, str) else dict(m) for m in self.mounts]
@@ -158,8 +166,10 @@ class TaskService:
 
     def __init__(self, *, config: Config, metadata: Metadata, containers: ContainerStore, images: ImageStore,
                  leases: LeaseManager, exchange: Exchange, runtimes: Mapping[str, RuntimeBinary], state: Path,
-                 root: Path, nursery: trio.Nursery, hooks: pluggy.PluginManager | None) -> None:
+                 root: Path, nursery: trio.Nursery, hooks: pluggy.PluginManager | None,
+                 network: Network | None = None) -> None:
         self.config = config
+        self.network = network
         self.metadata = metadata
         self.containers = containers
         self.images = images
@@ -208,6 +218,10 @@ class TaskService:
                 self.shims.kill(group)  # a shim that does not answer is of no use to anyone
             elif not live[group]:
                 self._release_group(group)
+        if self.network is not None:
+            removed = await self.network.reconcile(self.records.keys())
+            if removed:
+                log.info("network_reconciled", removed=list(removed))
         log.info("tasks_loaded", tasks=len(records), shims=len(live),
                  lost=sum(1 for r in records if r.lost is not None))
 
@@ -292,6 +306,8 @@ class TaskService:
             raise AlreadyExists(f"container {container_id} already exists in namespace {namespace}")
         spec_options = options.spec_options()
         spec_options.etc_dir = self.container_dir(namespace, container_id) / "etc"
+        request = await self._network_request(namespace, container_id, options, spec_options)
+        extensions = {NETWORK_EXTENSION: request.to_wire()} if request is not None else {}
         lease_id = f"new-container-{uuid.uuid4().hex[:16]}"
         await self.leases.create(lease_id, {"berth.io/container": container_id}, expires_in=3600)
         prepared = False
@@ -306,13 +322,17 @@ class TaskService:
                     try:
                         spec = await generate_spec(container_id, resolved.config, spec_options,
                                                    namespace=namespace, rootfs=scratch)
+                        if options.network == "host":
+                            spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"]
+                                                           if n["type"] != "network"]
                     finally:
                         await trio.to_thread.run_sync(unmount_all, scratch)
                 finally:
                     await trio.to_thread.run_sync(scratch.rmdir)
                 container = await self.containers.create(Container(
                     id=container_id, runtime=Runtime(name=runtime_name), labels=dict(labels or {}),
-                    image=image.name, spec=spec, snapshotter=snapshotter_name, snapshot_key=container_id))
+                    image=image.name, spec=spec, snapshotter=snapshotter_name, snapshot_key=container_id,
+                    extensions=extensions))
         except BaseException:
             with trio.CancelScope(shield=True):
                 if prepared:
@@ -324,6 +344,38 @@ class TaskService:
             raise
         await self.leases.delete(lease_id)
         return container
+
+    async def _network_request(self, namespace: str, container_id: str, options: RunOptions,
+                               spec_options: SpecOptions) -> NetworkRequest | None:
+        """Check the network a container asks for and point its spec at the namespace to use; return
+        what ``tasks.create`` must ask the network plugin for (``None``: nothing)."""
+        mode = options.network or "none"
+        ports = tuple(parse_port(text) for text in options.ports)
+        if mode in ("none", "host") or mode.startswith("container:"):
+            if ports:
+                raise InvalidArgument(f"published ports need a named network, not --net {mode}")
+            if mode.startswith("container:"):
+                spec_options.namespace_paths["network"] = await self._container_netns(mode.partition(":")[2])
+            return None
+        if self.network is None:
+            raise FailedPrecondition(f"network {mode!r} needs a network plugin, and none is loaded")
+        await self.network.inspect(mode)  # NotFound names the network
+        spec_options.namespace_paths["network"] = self.network.netns_path(namespace, container_id)
+        return NetworkRequest(mode=mode, ports=ports)
+
+    async def _container_netns(self, other: str) -> str:
+        """The network namespace of container ``other`` (its attached one, else its task's)."""
+        namespace = namespace_required()
+        container = await self.containers.get(other)
+        if NETWORK_EXTENSION in container.extensions and self.network is not None:
+            return self.network.netns_path(namespace, other)
+        record = self.records.get((namespace, other))
+        if record is None or record.lost is not None:
+            raise FailedPrecondition(f"container {other} has no running task whose network could be joined")
+        state = await self.get(other)
+        if state.get("status") not in ("created", "running", "paused") or not state.get("pid"):
+            raise FailedPrecondition(f"container {other} is {state.get('status')}: its network cannot be joined")
+        return f"/proc/{state['pid']}/ns/net"
 
     async def forget_container(self, namespace: str, container_id: str) -> None:
         """Remove a deleted container's directory (log, ``/etc`` files)."""
@@ -372,6 +424,7 @@ class TaskService:
             shim: Shim | None = None
             self._hold_group(record.group)
             try:
+                await self._attach_network(namespace, container)
                 shim = await self.shims.get(record.group)
                 result = await shim.call("create", {
                     "id": container_id, "bundle": str(bundle), "runtime": runtime.to_wire(), "rootfs": rootfs,
@@ -380,6 +433,7 @@ class TaskService:
                               "stderr_fifo": stdio.stderr_fifo}}, namespace=namespace)
             except BaseException:
                 with trio.CancelScope(shield=True):
+                    await self._detach_network(namespace, container_id)
                     await trio.to_thread.run_sync(lambda: shutil.rmtree(bundle, ignore_errors=True))
                 raise
             else:
@@ -417,6 +471,28 @@ class TaskService:
             if self._idle.get(group) is scope:
                 del self._idle[group]
                 await self.shims.shutdown(group)
+
+    async def _attach_network(self, namespace: str, container: Container) -> None:
+        raw = container.extensions.get(NETWORK_EXTENSION)
+        if raw is None:
+            return
+        if self.network is None:
+            raise FailedPrecondition(f"container {container.id} needs network {raw.get('mode')!r}, and no network "
+                                     f"plugin is loaded")
+        hostname = str(container.spec.get("hostname") or container.id)
+        attachment = await self.network.attach(namespace, container.id, NetworkRequest.from_wire(raw),
+                                               hostname=hostname)
+        etc = self.container_dir(namespace, container.id) / "etc"
+        addresses = [a.split("/")[0] for i in attachment.interfaces if i.name != "lo" for a in i.addresses]
+        await trio.to_thread.run_sync(_write_network_files, etc, hostname, addresses, list(attachment.dns))
+
+    async def _detach_network(self, namespace: str, container_id: str) -> None:
+        if self.network is None:
+            return
+        try:
+            await self.network.detach(namespace, container_id)
+        except BerthError as err:
+            log.warning("network_detach_failed", container_id=container_id, namespace=namespace, error=str(err))
 
     def _write_bundle(self, record: TaskRecord, spec: dict[str, Any]) -> None:
         if record.bundle.exists():  # left by a crash between writing it and creating the task
@@ -477,6 +553,7 @@ class TaskService:
             result = await shim.call("delete", {"id": container_id}, namespace=record.namespace)
             await trio.to_thread.run_sync(lambda: shutil.rmtree(record.bundle, ignore_errors=True))
         del self.records[(record.namespace, record.id)]
+        await self._detach_network(record.namespace, record.id)
         self._release_group(record.group)
         return result
 
@@ -609,6 +686,40 @@ class TaskService:
             shutil.rmtree(record.bundle, ignore_errors=True)
 
         await trio.to_thread.run_sync(remove)
+
+
+def parse_port(text: str) -> PortMapping:
+    """``[HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]`` (the host IP defaults to 127.0.0.1).
+
+    Raises: InvalidArgument naming the mapping.
+    """
+    spec, _, protocol = text.partition("/")
+    protocol = protocol or "tcp"
+    parts = spec.rsplit(":", 2)
+    try:
+        if len(parts) == 3:
+            host_ip, host_port, container_port = parts[0], int(parts[1]), int(parts[2])
+        elif len(parts) == 2:
+            host_ip, host_port, container_port = "127.0.0.1", int(parts[0]), int(parts[1])
+        else:
+            raise ValueError
+    except ValueError:
+        raise InvalidArgument(f"port {text!r} is not [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]") from None
+    if protocol not in ("tcp", "udp") or not (0 < host_port < 65536 and 0 < container_port < 65536):
+        raise InvalidArgument(f"port {text!r}: ports are 1-65535 and the protocol tcp or udp")
+    return PortMapping(host_port=host_port, container_port=container_port, protocol=protocol,
+                       host_ip=host_ip.strip("[]") or "127.0.0.1")
+
+
+def _write_network_files(etc: Path, hostname: str, addresses: list[str], dns: list[str]) -> None:
+    """Give the container's ``/etc/hosts`` its addresses, and ``/etc/resolv.conf`` the network's name
+    servers (the files are bind-mounted from ``etc``: written in place, before the container starts)."""
+    hosts = etc / "hosts"
+    lines = [line for line in hosts.read_text().splitlines() if not line.endswith(f"\t{hostname}")]
+    lines += [f"{address}\t{hostname}" for address in addresses] or [f"127.0.1.1\t{hostname}"]
+    hosts.write_text("\n".join(lines) + "\n")
+    if dns:
+        (etc / "resolv.conf").write_text("".join(f"nameserver {server}\n" for server in dns))
 
 
 # ---------------------------------------------------------------------- RPC
@@ -801,7 +912,10 @@ async def init_service(ic: InitContext) -> TaskService:
     metadata: Metadata = ic.get_single(PluginType.METADATA)
     exchange: Exchange = ic.get_single(PluginType.EVENT)
     scheduler: Scheduler = ic.get_single(PluginType.GC)
-    service = TaskService(config=config, metadata=metadata,
+    network: Network | None = None
+    with contextlib.suppress(BerthError):  # no network plugin: only none, host and container:<id>
+        network = ic.get_single(PluginType.NETWORK)
+    service = TaskService(config=config, metadata=metadata, network=network,
                           containers=ContainerStore(metadata.db, exchange.publish, on_delete=metadata.notify_deletion),
                           images=ImageStore(metadata.db, exchange.publish, collect=scheduler.collect_now,
                                             on_delete=metadata.notify_deletion),
@@ -820,6 +934,6 @@ async def init_rpc(ic: InitContext) -> TasksRPC:
 def berth_register(registry: Registry) -> None:
     registry.register(Registration(type=PluginType.SERVICE, id="tasks-service", config=Config, init=init_service,
                                    requires=(PluginType.METADATA, PluginType.EVENT, PluginType.LEASE,
-                                             PluginType.GC, PluginType.RUNTIME)))
+                                             PluginType.GC, PluginType.RUNTIME, PluginType.NETWORK)))
     registry.register(Registration(type=PluginType.RPC, id="tasks", init=init_rpc,
                                    requires=(PluginType.SERVICE,)))
