@@ -1,11 +1,13 @@
-"""The ``berth`` launcher (bin/berth) and its warm command server (client/cliserver.py): a command run
-through the server behaves exactly as one run directly (output, exit status, stdin, environment,
-working directory, signals), a stale or unsafe server is never used, and no server outlives a test."""
+"""The ``berth`` launcher (bin/berth, in its Python form and compiled from bin/berth-launch.c) and its warm
+command server (client/cliserver.py): a command run through the server behaves exactly as one run
+directly (output, exit status, stdin, environment, working directory, signals), a stale or unsafe
+server is never used, and no server outlives a test. Every test runs with both launchers."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,17 +20,31 @@ from conftest import BERTH, BerthdProcess, clean_env
 
 from berth.client.cliserver import pid_file_of
 
-LAUNCHER = Path(sys.executable).parent / "berth"
+SOURCES = Path(__file__).resolve().parent.parent / "bin"
 
-pytestmark = pytest.mark.skipif(not LAUNCHER.exists(), reason=f"berth is not installed beside {sys.executable}")
+
+@pytest.fixture(scope="session", params=["python", "compiled"])
+def launcher(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bin/berth installed as pip installs it (beside a ``python3``), with or without ``berth-launch``."""
+    directory = tmp_path_factory.mktemp(f"launcher-{request.param}")
+    shutil.copy(SOURCES / "berth", directory / "berth")
+    (directory / "python3").symlink_to(sys.executable)
+    if request.param == "compiled":
+        compiler = shutil.which("cc")
+        if compiler is None:
+            pytest.skip("no C compiler to build bin/berth-launch.c (scripts/setup.sh installs gcc)")
+        subprocess.run([compiler, "-O2", "-Wall", "-Werror", "-o", str(directory / "berth-launch"),
+                        str(SOURCES / "berth-launch.c")], check=True, timeout=120)
+    return directory / "berth"
 
 
 class Servers:
     """Runs the launcher with ``XDG_RUNTIME_DIR`` pointing into the test's directory and stops any server
     it started (by the PID it recorded)."""
 
-    def __init__(self, runtime: Path) -> None:
+    def __init__(self, runtime: Path, launcher: Path) -> None:
         self.runtime = runtime
+        self.launcher = launcher
         self.socket = runtime / "berth" / "cli.sock"
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -37,7 +53,7 @@ class Servers:
     def run(self, *args: str, daemon: BerthdProcess | None = None, stdin_text: str | None = None,
             cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
         address = ["--address", str(daemon.address)] if daemon is not None else []
-        return subprocess.run([str(LAUNCHER), *address, *args], capture_output=True, text=True, input=stdin_text,
+        return subprocess.run([str(self.launcher), *address, *args], capture_output=True, text=True, input=stdin_text,
                               env=self.env(**env), cwd=cwd, timeout=60, check=False)
 
     def direct(self, *args: str, daemon: BerthdProcess,
@@ -74,10 +90,10 @@ class Servers:
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
+def servers(tmp_path: Path, launcher: Path) -> Iterator[Servers]:
     runtime = tmp_path / "runtime"
     runtime.mkdir()
-    servers = Servers(runtime)
+    servers = Servers(runtime, launcher)
     try:
         yield servers
     finally:
@@ -111,14 +127,14 @@ def test_stdin_environment_and_working_directory_are_the_callers(berthd: BerthdP
     assert listed.stdout == ""
     # A relative --address resolves against the caller's working directory.
     relative = os.path.relpath(berthd.address, tmp_path)
-    by_cwd = subprocess.run([str(LAUNCHER), "--address", relative, "version"], capture_output=True, text=True,
+    by_cwd = subprocess.run([str(servers.launcher), "--address", relative, "version"], capture_output=True, text=True,
                             env=servers.env(), cwd=tmp_path, timeout=60, check=False)
     assert by_cwd.returncode == 0, by_cwd.stderr
 
 
 def test_sigint_reaches_the_command(berthd: BerthdProcess, servers: Servers) -> None:
     servers.start()
-    proc = subprocess.Popen([str(LAUNCHER), "--address", str(berthd.address), "events"], env=servers.env(),
+    proc = subprocess.Popen([str(servers.launcher), "--address", str(berthd.address), "events"], env=servers.env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         time.sleep(1.0)  # the stream is open
@@ -222,7 +238,7 @@ def test_sigterm_removes_the_socket_and_pid_file(servers: Servers) -> None:
 
 def test_sigterm_ends_the_command_with_a_shell_status(berthd: BerthdProcess, servers: Servers) -> None:
     servers.start()
-    proc = subprocess.Popen([str(LAUNCHER), "--address", str(berthd.address), "events"], env=servers.env(),
+    proc = subprocess.Popen([str(servers.launcher), "--address", str(berthd.address), "events"], env=servers.env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         time.sleep(1.0)
