@@ -650,6 +650,19 @@ class TaskService:
     # ------------------------------------------------------------------ shims that die
 
     async def _shim_gone(self, group: str) -> None:
+        """The connection to a shim ended. If the shim still runs, connect again; if it cannot be
+        reached, kill it, and report its tasks stopped."""
+        if not any(r.group == group and r.lost is None for r in self.records.values()):
+            return  # an idle shim that exited
+        for delay in (0.0, 0.2, 1.0):
+            if not self.shims.running(group):
+                break
+            await trio.sleep(delay)
+            with contextlib.suppress(BerthError):
+                await self.shims.connect(group)
+                log.info("shim_reconnected", group=group)
+                return
+        self.shims.kill(group)
         log.warning("shim_gone", group=group)
         for record in [r for r in self.records.values() if r.group == group and r.lost is None]:
             await self._mark_lost(record)

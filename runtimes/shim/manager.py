@@ -188,6 +188,14 @@ class ShimManager:
                             break
                         await trio.sleep(0.01)
 
+    def running(self, group: str) -> bool:
+        """Whether the shim recorded for ``group`` is alive."""
+        try:
+            pid = int((self.directory / group / "shim.pid").read_text().strip())
+        except (OSError, ValueError):
+            return False
+        return _alive(pid) and _is_shim(pid)
+
     def kill(self, group: str) -> None:
         """SIGKILL the shim of ``group`` by its recorded pid (it does not answer)."""
         try:
