@@ -4,6 +4,7 @@ image, run by runc through a real berthd and its shim."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -173,3 +174,32 @@ def test_run_is_quick_to_clean_up(daemon: BerthdProcess, cid: str) -> None:
         time.sleep(0.05)
     assert not bundle.exists()
     assert str(bundle) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_a_full_disk_loses_log_lines_not_the_container(daemon: BerthdProcess, cid: str, tmp_path: Path) -> None:
+    """The container's log directory is a 64 KiB tmpfs: writing 1 MiB fills it. The attached reader still
+    gets every byte, the exit status is right, and the shim carries on."""
+    assert daemon.cli("containers", "create", IMAGE, cid, "sh", "-c",
+                      "head -c 1048576 /dev/zero | tr '\\0' x; exit 9").returncode == 0
+    directory = daemon.root / "io.berth.service.v1.tasks-service" / "default" / cid
+    saved = tmp_path / "etc"
+    shutil.copytree(directory / "etc", saved)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)], check=True)
+    try:
+        shutil.copytree(saved, directory / "etc")
+        with daemon.client(timeout=60) as client:
+            client.call("tasks.create", {"container_id": cid})
+            received = 0
+            stream = client.stream("tasks.attach", {"container_id": cid})
+            assert next(stream) == {"attached": True}
+            with daemon.client(timeout=60) as starter:
+                starter.call("tasks.start", {"container_id": cid})
+            for item in stream:
+                received += len(item.get("stdout", b""))
+            assert received == 1 << 20
+            assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 9
+            assert client.call("tasks.delete", {"container_id": cid})["exit_status"] == 9
+        assert (directory / "log").stat().st_size < 64 * 1024
+        assert daemon.cli("run", "--rm", IMAGE, f"{cid}-after", "echo", "still here").stdout == "still here\n"
+    finally:
+        subprocess.run(["umount", str(directory)], check=False)

@@ -252,7 +252,10 @@ class ShimService:
         process.exit_status = code
         process.exited_at = time.time()
         if not process.exec_id:
-            await trio.to_thread.run_sync(write_exit_record, task.bundle, code, process.exited_at)
+            try:
+                await trio.to_thread.run_sync(write_exit_record, task.bundle, code, process.exited_at)
+            except OSError as err:  # kept in memory still: only a shim crash would lose it now
+                log.error("exit_record_not_written", container_id=task.id, error=str(err))
         with trio.move_on_after(IO_DRAIN_TIMEOUT):
             await process.io.drained.wait()
         process.exited.set()

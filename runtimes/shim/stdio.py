@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
 from berth.core.errdefs import FailedPrecondition, InvalidArgument
+
+log = structlog.get_logger("berth.shim.stdio")
 
 #: Items an attached reader may fall behind before the output waits for it.
 _READER_BUFFER = 64
@@ -82,6 +85,8 @@ class ProcessIO:
         self._log_fd: int | None = None
         self._fifos: dict[str, trio.lowlevel.FdStream] = {}
         self._closed = False
+        #: Writes to the log file that failed (a full disk): their bytes are not in the log.
+        self.log_errors = 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -200,7 +205,12 @@ class ProcessIO:
     async def _deliver(self, name: str, data: bytes) -> None:
         if self._log_fd is not None:
             fd = self._log_fd
-            await trio.to_thread.run_sync(os.write, fd, data)
+            try:
+                await trio.to_thread.run_sync(_write_all, fd, data)
+            except OSError as err:  # a full disk loses log lines, never the container or its other readers
+                self.log_errors += 1
+                if self.log_errors == 1:
+                    log.warning("log_write_failed", path=self.config.log, error=str(err))
         fifo = self._fifos.get(name)
         if fifo is not None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -274,6 +284,12 @@ class ProcessIO:
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 async def _open_fifo(path: str) -> int:
