@@ -39,7 +39,9 @@ def _serve(directory: Path, socket_path: Path, ready_fd: int) -> None:
         stop = trio.Event()
         reaper = Reaper()
         service = ShimService(reaper=reaper, socket_dir=socket_path.parent, stop=stop)
-        server = RPCServer.from_services([service], max_message_size=DEFAULT_MAX_MESSAGE_SIZE)
+        own_uid = os.getuid()
+        server = RPCServer.from_services([service], max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+                                         authorize=lambda peer: peer.uid == own_uid)  # the daemon's user only
         async with trio.open_nursery() as nursery:
             await nursery.start(reaper.run)
             await nursery.start(service.run)
