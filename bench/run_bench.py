@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peers import start_containerd  # bench/peers.py, beside this script
+from peers import start_containerd, start_daemon, stop_daemon  # bench/peers.py, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from imagebuild import busybox_image, write_oci_archive
@@ -38,23 +38,6 @@ from berth.client.sync import Client
 
 IMAGE = "localhost/busybox:latest"
 BERTH = str(Path(sysconfig.get_path("scripts")) / "berth")
-
-
-def start_berthd(work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    address = str(Path(tempfile.mkdtemp(prefix="b")) / "s.sock")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.toml").write_text("version = 1\n")
-    proc = subprocess.Popen([sys.executable, "-m", "berth.plugins.berthd", "--config", str(work / "config.toml"),
-                             "--root", str(work / "root"), "--state", str(work / "state"), "--address", address,
-                             "--log-level", "warn"])
-    for _ in range(200):
-        try:
-            Client(address, timeout=2).version()
-            return proc, address
-        except Exception:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("berthd did not start")
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
@@ -97,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="berth-run-bench-"))
     archive = write_oci_archive(work / "busybox.tar", {IMAGE: busybox_image()})
-    berthd, address = start_berthd(work / "berth")
+    berthd, address = start_daemon(work / "berth")
     env = {**os.environ, "BERTH_ADDRESS": address}
     peer = start_containerd(work)
     results: dict[str, object] = {"runs": args.runs, "containers": args.containers}
@@ -149,8 +132,7 @@ def main() -> None:
             subprocess.run([BERTH, "tasks", "rm", "-f", f"s{i}"], env=env, capture_output=True, check=False)
             subprocess.run([BERTH, "containers", "rm", f"s{i}"], env=env, capture_output=True, check=False)
         client.close()
-        berthd.send_signal(signal.SIGTERM)
-        berthd.wait(timeout=30)
+        stop_daemon(berthd, address)
         if peer is not None:
             for i in range(args.containers):
                 subprocess.run(["ctr", "--address", peer[1], "tasks", "kill", "-s", "9", f"s{i}"],

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peers import start_containerd  # bench/peers.py, beside this script
+from peers import start_containerd, start_daemon, stop_daemon  # bench/peers.py, beside this script
 
 from berth.client.sync import Client
 from berth.core.snapshots.mount import mount_all, unmount_all
@@ -37,33 +37,6 @@ from berth.core.snapshots.snapshotter import Mount
 
 CONTAINERD_MS = {"overlayfs": 59.0, "native": 73.0, "btrfs": 101.0}
 LABELS = {"berth.io/gc.root": "bench"}
-
-
-def start_daemon(work: Path, config: str) -> tuple[subprocess.Popen[bytes], str]:
-    sock_dir = Path(tempfile.mkdtemp(prefix="b"))
-    address = str(sock_dir / "s.sock")
-    (work / "config.toml").write_text(config)
-    proc = subprocess.Popen([sys.executable, "-m", "berth.plugins.berthd", "--config", str(work / "config.toml"),
-                             "--root", str(work / "root"), "--state", str(work / "state"), "--address", address,
-                             "--log-level", "warn"])
-    for _ in range(200):
-        try:
-            Client(address, timeout=2).version()
-            return proc, address
-        except Exception:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("berthd did not start")
-
-
-def stop_daemon(proc: subprocess.Popen[bytes], address: str) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    shutil.rmtree(Path(address).parent, ignore_errors=True)
 
 
 def cli_round_trip(berth: str, address: str, snapshotter: str, i: int, env: dict[str, str] | None = None) -> float:

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from berth.client.sync import Client
@@ -49,16 +49,6 @@ def _size(text: str) -> int:
         return int(text)
     except ValueError:
         raise InvalidArgument(f"bad size {text!r} (e.g. 512m, 1g, 1048576)") from None
-
-
-def _labels(items: Sequence[str]) -> dict[str, str]:
-    labels = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not key or not sep:
-            raise InvalidArgument(f"label {item!r} must be KEY=VALUE")
-        labels[key] = value
-    return labels
 
 
 # ---------------------------------------------------------------------------------------- attaching
@@ -188,8 +178,10 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _new_container(client: Client, args: argparse.Namespace) -> None:
+    from berth.client.cli import _parse_labels
+
     client.call("containers.new", {"id": args.id, "image": args.image, "snapshotter": args.snapshotter,
-                                   "runtime": args.runtime, "labels": _labels(args.label),
+                                   "runtime": args.runtime, "labels": _parse_labels(args.label),
                                    "options": _run_options(args)})
 
 
