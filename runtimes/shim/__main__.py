@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 def _serve(directory: Path, socket_path: Path, ready_fd: int) -> None:
     """Run the shim (in the detached child) until it is told to stop."""
+    # The shim logs JSON lines: structlog's console extras would import rich (6 MiB and 100 ms of
+    # start-up for every shim). A None entry makes `import rich` fail, which structlog handles.
+    sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
     import trio
 
     from berth.core.log import configure_logging
