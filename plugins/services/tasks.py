@@ -187,6 +187,8 @@ class TaskService:
         #: Per group: creates in progress, and the pending idle shutdown's cancel scope.
         self._creating: dict[str, int] = {}
         self._idle: dict[str, trio.CancelScope] = {}
+        #: Groups whose shim connection dropped and is being dealt with (set when done).
+        self._recovering: dict[str, trio.Event] = {}
 
     # ------------------------------------------------------------------ start-up and shutdown
 
@@ -265,9 +267,27 @@ class TaskService:
         return await self.shims.get(record.group)
 
     async def _call(self, container_id: str, method: str, args: dict[str, Any]) -> Any:
+        """Call the task's shim. A connection lost on the way is waited out: the call is made again on
+        the reconnected shim, or fails as the task's state then says (FailedPrecondition: stopped)."""
         record = self._record(container_id)
-        shim = await self._shim(record)
-        return await shim.call(method, {"id": container_id, **args}, namespace=record.namespace)
+        for attempt in (1, 2):
+            shim = await self._shim(record)
+            try:
+                return await shim.call(method, {"id": container_id, **args}, namespace=record.namespace)
+            except Unavailable:
+                if attempt == 2:
+                    raise
+                await self._settled(record, shim)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _settled(self, record: TaskRecord, shim: Shim) -> None:
+        """Wait (10 s at most) until a shim whose connection dropped is connected again or given up."""
+        with trio.move_on_after(10):
+            await shim.gone.wait()
+            await trio.lowlevel.checkpoint()  # the manager calls _shim_gone right after setting `gone`
+            recovering = self._recovering.get(record.group)
+            if recovering is not None:
+                await recovering.wait()
 
     def has_task(self, namespace: str, container_id: str) -> bool:
         return (namespace, container_id) in self.records
@@ -523,9 +543,11 @@ class TaskService:
             return await shim.call("wait", {"id": container_id, "exec_id": exec_id},  # type: ignore[no-any-return]
                                    namespace=record.namespace)
         except Unavailable:
-            await shim.gone.wait()  # the shim died while we waited: its exit record is the answer
+            await self._settled(record, shim)
             if record.lost is not None and not exec_id:
-                return dict(record.lost)
+                return dict(record.lost)  # the shim died while we waited: its exit record is the answer
+            if record.lost is None:
+                return await self.wait(container_id, exec_id)  # connected again
             raise
 
     async def exec(self, container_id: str, exec_id: str, process: dict[str, Any], stdio: StdioArgs) -> None:
@@ -594,10 +616,15 @@ class TaskService:
     async def get(self, container_id: str, exec_id: str = "") -> dict[str, Any]:
         """The state of a task (``status``: created, running, paused, stopped) or of an exec process."""
         record = self._record(container_id)
-        if record.lost is not None:
-            return {"id": record.id, "namespace": record.namespace, "runtime": record.runtime.name,
-                    "status": "stopped", "exec_id": "", "execs": [], **record.lost}
-        return await self._call(container_id, "state", {"exec_id": exec_id})  # type: ignore[no-any-return]
+        try:
+            if record.lost is None:
+                return await self._call(container_id, "state", {"exec_id": exec_id})  # type: ignore[no-any-return]
+        except FailedPrecondition:
+            if record.lost is None:
+                raise  # a real refusal, not a shim that died meanwhile
+        assert record.lost is not None
+        return {"id": record.id, "namespace": record.namespace, "runtime": record.runtime.name,
+                "status": "stopped", "exec_id": "", "execs": [], **record.lost}
 
     async def list_tasks(self) -> list[dict[str, Any]]:
         namespace = namespace_required()
@@ -654,18 +681,24 @@ class TaskService:
         reached, kill it, and report its tasks stopped."""
         if not any(r.group == group and r.lost is None for r in self.records.values()):
             return  # an idle shim that exited
-        for delay in (0.0, 0.2, 1.0):
-            if not self.shims.running(group):
-                break
-            await trio.sleep(delay)
-            with contextlib.suppress(BerthError):
-                await self.shims.connect(group)
-                log.info("shim_reconnected", group=group)
-                return
-        self.shims.kill(group)
-        log.warning("shim_gone", group=group)
-        for record in [r for r in self.records.values() if r.group == group and r.lost is None]:
-            await self._mark_lost(record)
+        recovering = self._recovering[group] = trio.Event()
+        try:
+            for delay in (0.0, 0.2, 1.0):
+                if not self.shims.running(group):
+                    break
+                await trio.sleep(delay)
+                with contextlib.suppress(BerthError):
+                    await self.shims.connect(group)
+                    log.info("shim_reconnected", group=group)
+                    return
+            self.shims.kill(group)
+            log.warning("shim_gone", group=group)
+            for record in [r for r in self.records.values() if r.group == group and r.lost is None]:
+                await self._mark_lost(record)
+        finally:
+            recovering.set()
+            if self._recovering.get(group) is recovering:
+                del self._recovering[group]
 
     async def _mark_lost(self, record: TaskRecord) -> None:
         """The task's shim is gone: kill what is left of the container and report it stopped."""
