@@ -1,0 +1,267 @@
+"""What a task's container gets and may do, checked inside real containers (runc, a locally built busybox
+image): resource limits enforced, freezing, default capabilities, exec with a TTY, FIFO stdio, the
+lifecycle's refusals, and the events in containerd's order."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import BerthdFactory, BerthdProcess
+from imagebuild import busybox_image, write_oci_archive
+
+from berth.client.sync import Client
+from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, NotFound
+
+IMAGE = "localhost/busybox:latest"
+
+
+@pytest.fixture(scope="module")
+def daemon(berthd_module_factory: BerthdFactory, tmp_path_factory: pytest.TempPathFactory) -> BerthdProcess:
+    process = berthd_module_factory.start()
+    archive = write_oci_archive(tmp_path_factory.mktemp("image") / "busybox.tar", {IMAGE: busybox_image()})
+    assert process.cli("images", "import", str(archive)).returncode == 0
+    return process
+
+
+@pytest.fixture
+def client(daemon: BerthdProcess) -> Iterator[Client]:
+    with daemon.client(timeout=60) as connection:
+        yield connection
+
+
+class Containers:
+    """Makes containers for one test and removes all of them (task first) afterwards."""
+
+    def __init__(self, client: Client, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.made: list[str] = []
+
+    def new(self, name: str, args: list[str], **options: Any) -> str:
+        container_id = f"{self.prefix}-{name}"[:76]
+        self.client.call("containers.new", {"id": container_id, "image": IMAGE,
+                                            "options": {"args": args, **options}})
+        self.made.append(container_id)
+        return container_id
+
+    def run(self, name: str, args: list[str], *, stdio: dict[str, Any] | None = None, **options: Any) -> str:
+        container_id = self.new(name, args, **options)
+        self.client.call("tasks.create", {"container_id": container_id, "stdio": stdio or {}})
+        self.client.call("tasks.start", {"container_id": container_id})
+        return container_id
+
+    def output(self, container_id: str) -> str:
+        self.client.call("tasks.wait", {"container_id": container_id})
+        return b"".join(item["data"] for item in self.client.stream("tasks.logs", {"container_id": container_id})
+                        ).decode()
+
+    def remove_all(self) -> None:
+        for container_id in self.made:
+            with contextlib.suppress(BerthError):
+                self.client.call("tasks.kill", {"container_id": container_id, "signal": 9, "all": True})
+            with contextlib.suppress(BerthError):
+                self.client.call("tasks.wait", {"container_id": container_id})
+            with contextlib.suppress(BerthError):
+                self.client.call("tasks.delete", {"container_id": container_id})
+            with contextlib.suppress(BerthError):
+                self.client.call("containers.delete", {"id": container_id, "snapshot_cleanup": True})
+
+
+@pytest.fixture
+def containers(client: Client, request: pytest.FixtureRequest) -> Iterator[Containers]:
+    made = Containers(client, request.node.name.removeprefix("test_").replace("_", "-")[:40])
+    try:
+        yield made
+    finally:
+        made.remove_all()
+
+
+def test_memory_limit_is_set_and_enforced(containers: Containers, client: Client) -> None:
+    limit = 32 << 20
+    cid = containers.run("mem", ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || "
+                                             "cat /sys/fs/cgroup/memory.max; head -c 128m /dev/zero | tail"],
+                         memory_limit=limit)
+    status = client.call("tasks.wait", {"container_id": cid})["exit_status"]
+    assert containers.output(cid).splitlines()[0] == str(limit)
+    assert status == 137  # the shell's pipeline ends with tail, OOM-killed
+
+
+def test_a_fork_bomb_is_stopped_by_the_pids_limit(containers: Containers, client: Client) -> None:
+    script = ("cat /sys/fs/cgroup/pids/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids.max; "
+              "for i in $(seq 60); do (sleep 30 &) 2>/dev/null || true; done; echo done; sleep 30")
+    cid = containers.run("bomb", ["sh", "-c", script], pids_limit=20)
+    deadline = time.monotonic() + 20
+    while b"done" not in b"".join(i["data"] for i in client.stream("tasks.logs", {"container_id": cid})):
+        assert time.monotonic() < deadline, "the fork loop did not finish"
+        time.sleep(0.1)
+    processes = client.call("tasks.pids", {"container_id": cid})["processes"]
+    assert 10 < len(processes) <= 20  # 60 were asked for; the limit stopped the rest
+    log = b"".join(i["data"] for i in client.stream("tasks.logs", {"container_id": cid})).decode()
+    assert log.splitlines()[0] == "20"
+
+
+def test_pause_freezes_and_resume_thaws(containers: Containers, client: Client) -> None:
+    cid = containers.run("freeze", ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done"])
+    time.sleep(0.3)
+    client.call("tasks.pause", {"container_id": cid})
+    task = client.call("tasks.get", {"container_id": cid})["task"]
+    assert task["status"] == "paused"
+    counter = Path(f"/proc/{task['pid']}/root/tmp/n")  # read from the host: an exec would not run now
+    before = counter.read_text()
+    time.sleep(0.4)
+    assert counter.read_text() == before  # frozen: the counter does not move
+    with pytest.raises(FailedPrecondition):
+        client.call("tasks.exec", {"container_id": cid, "exec_id": "late", "process": {
+            "args": ["cat", "/tmp/n"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}})
+    client.call("tasks.resume", {"container_id": cid})
+    time.sleep(0.4)
+    assert int(counter.read_text()) > int(before)
+
+
+def test_default_capabilities_forbid_mounts_and_sysrq(containers: Containers, client: Client) -> None:
+    cid = containers.run("caps", ["sh", "-c", "mkdir -p /tmp/m; mount -t tmpfs tmpfs /tmp/m 2>/dev/null && "
+                                              "echo mounted; "
+                                              "(echo h > /proc/sysrq-trigger) 2>/dev/null && echo wrote-sysrq; "
+                                              "grep CapEff /proc/self/status"])
+    assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 0
+    out = containers.output(cid)
+    assert "mounted" not in out
+    assert "wrote-sysrq" not in out
+    effective = int(out.split()[-1], 16)
+    assert effective == 0xa80425fb  # containerd's 14 default capabilities
+    privileged = containers.run("priv", ["sh", "-c", "mkdir -p /tmp/m; mount -t tmpfs tmpfs /tmp/m && echo mounted"],
+                                 privileged=True)
+    assert client.call("tasks.wait", {"container_id": privileged})["exit_status"] == 0
+    assert containers.output(privileged) == "mounted\n"
+
+
+def test_exec_with_a_terminal_and_resize(containers: Containers, client: Client) -> None:
+    cid = containers.run("tty", ["sleep", "300"])
+    client.call("tasks.exec", {"container_id": cid, "exec_id": "shell", "stdio": {"terminal": True, "stdin": True},
+                               "process": {"args": ["sh", "-c", "read line; tty; stty size; echo got $line"],
+                                           "cwd": "/", "env": ["PATH=/bin", "TERM=xterm"], "terminal": True,
+                                           "user": {"uid": 0, "gid": 0}}})
+    stream = client.stream("tasks.attach", {"container_id": cid, "exec_id": "shell"})
+    assert next(stream) == {"attached": True}
+    with Client(client.address) as side:
+        side.call("tasks.start", {"container_id": cid, "exec_id": "shell"})
+        side.call("tasks.resize", {"container_id": cid, "exec_id": "shell", "width": 100, "height": 40})
+        side.call("tasks.write", {"container_id": cid, "exec_id": "shell", "data": b"hello\n"})
+    output = b"".join(item.get("stdout", b"") for item in stream).decode()
+    assert "/dev/pts/" in output
+    assert "40 100\r\n" in output
+    assert output.endswith("got hello\r\n")
+    assert client.call("tasks.wait", {"container_id": cid, "exec_id": "shell"})["exit_status"] == 0
+    with pytest.raises(FailedPrecondition):
+        client.call("tasks.resize", {"container_id": cid, "width": 10, "height": 10})  # the init has no TTY
+
+
+def test_fifo_stdio(containers: Containers, client: Client, tmp_path: Path) -> None:
+    paths = {name: tmp_path / name for name in ("in", "out", "err")}
+    for path in paths.values():
+        os.mkfifo(path)
+    received: dict[str, bytes] = {}
+
+    def read(name: str) -> None:
+        with open(paths[name], "rb", buffering=0) as fifo:  # one read: the shim keeps the FIFO open
+            received[name] = fifo.read(64)
+
+    readers = [threading.Thread(target=read, args=(name,), daemon=True) for name in ("out", "err")]
+    for reader in readers:
+        reader.start()
+    cid = containers.new("fifo", ["sh", "-c", "read x; echo out:$x; echo err:$x >&2; sleep 0.5"])
+    client.call("tasks.create", {"container_id": cid, "stdio": {
+        "stdin_fifo": str(paths["in"]), "stdout_fifo": str(paths["out"]), "stderr_fifo": str(paths["err"]),
+        "log": False}})
+    client.call("tasks.start", {"container_id": cid})
+    with open(paths["in"], "wb") as fifo:
+        fifo.write(b"ping\n")
+    for reader in readers:
+        reader.join(timeout=20)
+    assert received == {"out": b"out:ping\n", "err": b"err:ping\n"}
+    assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 0
+    with pytest.raises(NotFound):
+        next(iter(client.stream("tasks.logs", {"container_id": cid})))  # log: false keeps none
+
+
+def test_lifecycle_refusals(containers: Containers, client: Client) -> None:
+    with pytest.raises(NotFound):
+        client.call("tasks.create", {"container_id": "no-such-container"})
+    cid = containers.new("life", ["sleep", "300"])
+    client.call("tasks.create", {"container_id": cid})
+    assert client.call("tasks.get", {"container_id": cid})["task"]["status"] == "created"
+    with pytest.raises(AlreadyExists):
+        client.call("tasks.create", {"container_id": cid})
+    with pytest.raises(FailedPrecondition):
+        client.call("tasks.exec", {"container_id": cid, "exec_id": "e", "process": {"args": ["true"], "cwd": "/"}})
+    with pytest.raises(FailedPrecondition):
+        client.call("tasks.pause", {"container_id": cid})
+    client.call("tasks.start", {"container_id": cid})
+    with pytest.raises(FailedPrecondition):
+        client.call("tasks.start", {"container_id": cid})
+    with pytest.raises(FailedPrecondition):
+        client.call("tasks.delete", {"container_id": cid})
+    with pytest.raises(FailedPrecondition):
+        client.call("containers.delete", {"id": cid})
+    with pytest.raises(FailedPrecondition):
+        client.call("tasks.resume", {"container_id": cid})
+    client.call("tasks.kill", {"container_id": cid, "signal": 15})
+    with pytest.raises(FailedPrecondition):
+        client.call("tasks.delete", {"container_id": cid})  # pid 1 ignores SIGTERM: still running
+    client.call("tasks.kill", {"container_id": cid, "signal": 9, "all": True})
+    assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 137
+    with pytest.raises(NotFound):
+        client.call("tasks.kill", {"container_id": cid, "signal": 9})  # already finished
+    with pytest.raises(FailedPrecondition):
+        client.call("tasks.exec", {"container_id": cid, "exec_id": "late", "process": {"args": ["true"], "cwd": "/"}})
+    assert client.call("tasks.delete", {"container_id": cid})["exit_status"] == 137
+    with pytest.raises(NotFound):
+        client.call("tasks.get", {"container_id": cid})
+    created = containers.new("never-started", ["true"])
+    client.call("tasks.create", {"container_id": created})
+    assert client.call("tasks.delete", {"container_id": created})["exit_status"] == 137  # its init is killed
+
+
+def test_events_come_in_containerds_order(containers: Containers, client: Client, daemon: BerthdProcess) -> None:
+    topics: list[tuple[str, dict[str, Any]]] = []
+    subscribed = threading.Event()
+
+    def follow() -> None:
+        with daemon.client(timeout=None) as listener:
+            for envelope in listener.stream("events.subscribe", {"filters": ['topic~="^/tasks/"']}):
+                subscribed.set()
+                topics.append((envelope["topic"], envelope["event"]))
+                if envelope["topic"] == "/tasks/delete":
+                    return
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    cid = containers.new("events", ["sleep", "300"])
+    deadline = time.monotonic() + 10
+    while not subscribed.is_set() and time.monotonic() < deadline:  # a probe until the subscription sees it
+        client.call("events.publish", {"topic": "/tasks/probe", "event": {}})
+        time.sleep(0.05)
+    client.call("tasks.create", {"container_id": cid})
+    client.call("tasks.start", {"container_id": cid})
+    client.call("tasks.exec", {"container_id": cid, "exec_id": "x", "process": {
+        "args": ["sh", "-c", "exit 2"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}})
+    client.call("tasks.start", {"container_id": cid, "exec_id": "x"})
+    assert client.call("tasks.wait", {"container_id": cid, "exec_id": "x"})["exit_status"] == 2
+    client.call("tasks.pause", {"container_id": cid})
+    client.call("tasks.resume", {"container_id": cid})
+    client.call("tasks.kill", {"container_id": cid, "signal": 9})
+    client.call("tasks.wait", {"container_id": cid})
+    client.call("tasks.delete", {"container_id": cid})
+    thread.join(timeout=20)
+    order = [topic for topic, event in topics if event.get("container_id") == cid]
+    assert order == ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
+                     "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"]
+    exits = [event for topic, event in topics if topic == "/tasks/exit" and event.get("container_id") == cid]
+    assert [(e["id"], e["exit_status"]) for e in exits] == [("x", 2), (cid, 137)]
