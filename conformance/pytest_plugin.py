@@ -18,7 +18,14 @@ A snapshotter's, likewise (it collects ``test_my_snapshotter[Basic]`` ...
 
     test_my_snapshotter = snapshotter_tests(open_my_snapshotter)
 
-Each test runs its case in a fresh ``trio.run`` under its own ``tmp_path``, so it works with or
+A runtime plugin's (``test_my_runtime[CreateStartWait]`` ... ``[Resources]``, run through a live berthd;
+see :mod:`berth.conformance.runtime`)::
+
+    from berth.conformance.pytest_plugin import runtime_tests
+
+    test_my_runtime = runtime_tests("open_my_runtime")          # a fixture returning the factory
+
+Each content and snapshotter test runs its case in a fresh ``trio.run`` under its own ``tmp_path``, so it works with or
 without pytest-trio; the factories must open everything they need inside their context manager.
 """
 
@@ -41,9 +48,10 @@ from berth.conformance.content import (
     OpenStore,
     run_content_case,
 )
+from berth.conformance.runtime import RUNTIME_CASES, OpenRuntime, run_runtime_case
 from berth.conformance.snapshotter import SNAPSHOTTER_CASES, OpenSnapshotter, RenameSupport, run_snapshotter_case
 
-__all__ = ["content_store_tests", "snapshotter_tests"]
+__all__ = ["content_store_tests", "runtime_tests", "snapshotter_tests"]
 
 
 def content_store_tests(open_store: OpenStore | str, *, open_namespaced_store: OpenNamespacedStore | str | None = None,
@@ -109,3 +117,29 @@ def snapshotter_tests(open_snapshotter: OpenSnapshotter | str, *, cases: Iterabl
 
     test_snapshotter.__doc__ = "containerd's snapshotter testsuite case ``case`` (berth.conformance.snapshotter)."
     return test_snapshotter
+
+
+def runtime_tests(open_runtime: OpenRuntime | str, *, cases: Iterable[str] | None = None) -> Callable[..., None]:
+    """A pytest test function parametrized over the runtime ``cases`` (default: all, in order).
+
+    ``open_runtime`` is a factory (see :mod:`berth.conformance.runtime`) or the name of a fixture
+    returning one. The cases run real containers: they are skipped unless the tests run as root.
+
+    Raises:
+        KeyError: an unknown case name.
+    """
+    names = list(cases) if cases is not None else list(RUNTIME_CASES)
+    for name in names:
+        if name not in RUNTIME_CASES:
+            raise KeyError(f"no runtime case {name!r}; the cases are {', '.join(RUNTIME_CASES)}")
+
+    @pytest.mark.parametrize("case", names)
+    def test_runtime(case: str, request: pytest.FixtureRequest) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("the runtime cases run containers: run as root")
+        factory = request.getfixturevalue(open_runtime) if isinstance(open_runtime, str) else open_runtime
+        with factory() as target:
+            run_runtime_case(case, target)
+
+    test_runtime.__doc__ = "the task lifecycle case ``case`` (berth.conformance.runtime)."
+    return test_runtime

@@ -1,0 +1,55 @@
+"""The runtime conformance suite (berth.conformance.runtime) on each runtime plugin berth ships: runc,
+and berth's own ``builtin`` (skipped, with the reason, where ``berth-runtime`` is not installed)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+
+import pytest
+from conftest import BerthdFactory, BerthdProcess
+from imagebuild import busybox_image, write_oci_archive
+
+from berth.conformance.pytest_plugin import runtime_tests
+from berth.conformance.runtime import RuntimeTarget
+
+IMAGE = "localhost/busybox:latest"
+
+
+@pytest.fixture(scope="module")
+def daemon(berthd_module_factory: BerthdFactory, tmp_path_factory: pytest.TempPathFactory) -> BerthdProcess:
+    process = berthd_module_factory.start()
+    archive = write_oci_archive(tmp_path_factory.mktemp("image") / "busybox.tar", {IMAGE: busybox_image()})
+    assert process.cli("images", "import", str(archive)).returncode == 0
+    return process
+
+
+def opener(daemon: BerthdProcess, runtime: str) -> Callable[[], AbstractContextManager[RuntimeTarget]]:
+    with daemon.client() as client:
+        plugins = {p["id"]: p for p in client.call("introspection.plugins", {
+            "filters": ["type==io.berth.runtime.v1"]})["plugins"]}
+    plugin = plugins.get(runtime)
+    if plugin is None or plugin["status"] != "ok":
+        reason = (plugin.get("error") or {}).get("message", plugin["status"]) if plugin else "not registered"
+        pytest.skip(f"runtime {runtime} is not loaded here: {reason}")
+
+    @contextlib.contextmanager
+    def open_runtime() -> Iterator[RuntimeTarget]:
+        yield RuntimeTarget(address=str(daemon.address), runtime=runtime, image=IMAGE, prefix=f"conf-{runtime}")
+
+    return open_runtime
+
+
+@pytest.fixture
+def open_runc(daemon: BerthdProcess) -> Callable[[], AbstractContextManager[RuntimeTarget]]:
+    return opener(daemon, "runc")
+
+
+@pytest.fixture
+def open_builtin(daemon: BerthdProcess) -> Callable[[], AbstractContextManager[RuntimeTarget]]:
+    return opener(daemon, "builtin")
+
+
+test_runc = runtime_tests("open_runc")
+test_builtin = runtime_tests("open_builtin")
