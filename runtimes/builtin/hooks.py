@@ -1,0 +1,47 @@
+"""OCI lifecycle hooks: each hook's ``path`` runs with ``args`` (``args[0]`` is its argv[0]) and ``env``,
+the container's state JSON on stdin, and its optional ``timeout`` in seconds.
+
+Where each phase runs (OCI runtime spec, "Lifecycle"): ``prestart`` and ``createRuntime`` in the runtime's
+namespaces during ``create``, after the namespaces exist and before the pivot; ``createContainer`` in the
+container's mount namespace at the same moment; ``startContainer`` in the container just before the
+user process; ``poststart`` in the runtime after ``start``; ``poststop`` in the runtime during ``delete``.
+A failing hook raises :class:`HookFailed` (the caller decides whether that is fatal: it is not for
+``poststart`` and ``poststop``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+from berth.core.errdefs import FailedPrecondition
+
+__all__ = ["HookFailed", "run_hooks"]
+
+
+class HookFailed(FailedPrecondition):
+    """A hook could not run, failed, or timed out."""
+
+
+def run_hooks(phase: str, hooks: list[dict[str, Any]], state: dict[str, Any]) -> None:
+    """Run ``hooks`` of ``phase`` in order, each with ``state`` as JSON on stdin; stop at the first failure."""
+    payload = json.dumps(state).encode()
+    for i, hook in enumerate(hooks):
+        path = hook["path"]
+        args = hook.get("args") or [path]
+        env = dict(entry.split("=", 1) for entry in hook.get("env") or () if "=" in entry)
+        timeout = hook.get("timeout")
+        if timeout is not None and timeout <= 0:
+            raise HookFailed(f"{phase} hook {i} ({path}): timeout must be positive")
+        try:
+            result = subprocess.run(args, executable=path, input=payload, env=env, capture_output=True,
+                                    timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise HookFailed(f"{phase} hook {i} ({path}) did not finish within {timeout} s") from None
+        except OSError as exc:
+            raise HookFailed(f"{phase} hook {i} ({path}) could not run: {exc.strerror}") from None
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).decode(errors="replace").strip()[-500:]
+            raise HookFailed(f"{phase} hook {i} ({path}) failed with status {result.returncode}"
+                             + (f": {detail}" if detail else ""))
