@@ -135,6 +135,7 @@ def _create(checked: Bundle, container_id: str, root: str, *, pid_file: str | No
     pid = 0
     try:
         os.mkfifo(container.fifo, 0o622)
+        os.chmod(container.fifo, 0o622)  # past the umask: an init that is not root writes to it after setuid
         fifo_fd = os.open(container.fifo, os.O_PATH | os.O_CLOEXEC)
         fds.append(fifo_fd)
         cgroups.create()

@@ -284,7 +284,7 @@ def _container_process(ctx: Launch, chan: _Channel) -> None:
         if container_hooks:
             from berth.runtimes.builtin.hooks import run_hooks
 
-            run_hooks("createContainer", container_hooks, _hook_state(ctx, "created", host_pid))
+            run_hooks("createContainer", container_hooks, _hook_state(ctx, "creating", host_pid))
         pivot(ctx.rootfs, ctx.no_pivot)
     elif ctx.root_fd >= 0:
         os.fchdir(ctx.root_fd)
