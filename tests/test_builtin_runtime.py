@@ -158,7 +158,7 @@ def test_cgroup_limits(runtimes: Runtimes) -> None:
     def change(spec: Spec) -> None:
         spec["linux"]["resources"] = {"memory": {"limit": 64 << 20}, "pids": {"limit": 32},
                                       "cpu": {"quota": 50000, "period": 100000}}
-        spec["linux"]["cgroupsPath"] = f"/berth-test/{os.getpid()}-{spec['hostname']}"
+        spec["linux"]["cgroupsPath"] = f"/berth-test-{os.getpid()}"  # one level: no parent is left behind
     script = ("ls /sys/fs/cgroup; cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/pids/pids.max "
               "/sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cat /sys/fs/cgroup/memory.max "
               "/sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max")
