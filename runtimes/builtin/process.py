@@ -355,9 +355,9 @@ def _hook_state(ctx: Launch, status: str, pid: int) -> dict[str, Any]:
 
 
 def _init_system(ctx: Launch) -> None:
-    """After the pivot, in the init: read-only and masked paths, hostname, sysctls, the session keyring."""
+    """After the pivot, in the init: hostname, sysctls, then read-only and masked paths (as runc does: a
+    sysctl is written before ``/proc/sys`` turns read-only), and the session keyring."""
     spec = ctx.spec
-    finalize_rootfs(spec)
     if spec.get("hostname"):
         linux.sethostname(spec["hostname"])
     if spec.get("domainname"):
@@ -368,6 +368,7 @@ def _init_system(ctx: Launch) -> None:
                 f.write(str(value))
         except OSError as exc:
             raise FailedPrecondition(f"cannot set sysctl {key} to {value!r}: {exc.strerror}") from None
+    finalize_rootfs(spec)
     if not ctx.no_new_keyring:
         try:
             linux.join_session_keyring(f"_ses.{ctx.id}")

@@ -144,7 +144,11 @@ def build_seccomp(config: dict[str, Any], no_new_privileges: bool) -> Any:
                 if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name) < 0:
                     continue
                 for group in groups:
-                    flt.add_rule(action, name, *group)
+                    try:
+                        flt.add_rule(action, name, *group)
+                    except OSError as exc:
+                        if exc.errno != errno.EEXIST:  # a rule given twice (podman's profile has some) adds nothing
+                            raise
     except KeyError as exc:
         raise InvalidArgument(f"linux.seccomp: unknown operator or missing field {exc}") from None
     except OSError as exc:
