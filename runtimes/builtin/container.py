@@ -23,14 +23,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 from berth.core.errdefs import FailedPrecondition, InvalidArgument, NotFound
 from berth.runtimes.builtin import linux
-from berth.runtimes.builtin.bundle import Bundle, check_process, load_bundle
 from berth.runtimes.builtin.cgroups import Cgroups
-from berth.runtimes.builtin.process import Launch, launch, namespace_files, wait_child
 from berth.runtimes.builtin.state import DEFAULT_ROOT, Container, process_start_time, rfc3339
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every runtime call ~5 ms
+if TYPE_CHECKING:
+    from typing import Any
+
+    from berth.runtimes.builtin.bundle import Bundle
 
 __all__ = [
     "DEFAULT_ROOT", "create", "delete", "exec", "kill", "list_containers", "pause", "pids", "resume", "run", "start",
@@ -110,6 +113,7 @@ def create(bundle: str, container_id: str, root: str = DEFAULT_ROOT, *, pid_file
     ``createRuntime`` and ``createContainer`` hooks; on failure nothing is left: no process, cgroup,
     mount or state directory.
     """
+    from berth.runtimes.builtin.bundle import load_bundle
     checked = load_bundle(bundle)
     return _create(checked, container_id, root, pid_file=pid_file, console_socket=console_socket,
                    no_pivot=no_pivot, no_new_keyring=no_new_keyring, preserve_fds=preserve_fds)
@@ -117,6 +121,7 @@ def create(bundle: str, container_id: str, root: str = DEFAULT_ROOT, *, pid_file
 
 def _create(checked: Bundle, container_id: str, root: str, *, pid_file: str | None, console_socket: str | None,
             no_pivot: bool, no_new_keyring: bool, preserve_fds: int) -> int:
+    from berth.runtimes.builtin.process import Launch, launch
     spec, process = checked.spec, checked.process
     if process.get("terminal") and not console_socket:
         raise InvalidArgument("process.terminal is set: a --console-socket is required")
@@ -325,6 +330,8 @@ def exec_process(container_id: str, process: dict[str, Any], root: str = DEFAULT
     """Run ``process`` (an OCI process object) in the container's namespaces, cgroups and seccomp
     profile. Detached: return its pid once it has called execve. Otherwise wait and return its exit
     status (128 + signal when killed), forwarding the signals the caller receives."""
+    from berth.runtimes.builtin.bundle import check_process
+    from berth.runtimes.builtin.process import Launch, launch, namespace_files
     container = Container.load(root, container_id)
     status = container.status()
     if status not in ("created", "running"):
@@ -375,6 +382,7 @@ def run(bundle: str, container_id: str, root: str = DEFAULT_ROOT, *, detach: boo
         no_new_keyring: bool = False, preserve_fds: int = 0, warn: Warn = _stderr_warn) -> int:
     """create + start. Detached: return the init's pid. Otherwise wait for the init, delete the
     container and return its exit status (128 + signal when killed)."""
+    from berth.runtimes.builtin.bundle import load_bundle
     checked = load_bundle(bundle)
     pid = _create(checked, container_id, root, pid_file=pid_file, console_socket=console_socket,
                   no_pivot=no_pivot, no_new_keyring=no_new_keyring, preserve_fds=preserve_fds)
@@ -397,6 +405,7 @@ _NOT_FORWARDED = frozenset((signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD))
 
 def wait_forwarding(pid: int) -> int:
     """Wait for our child ``pid``, passing on every signal we receive; reap other orphans on the way."""
+    from berth.runtimes.builtin.process import wait_child
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
