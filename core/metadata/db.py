@@ -116,8 +116,32 @@ def _schema_v1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _schema_v2(conn: sqlite3.Connection) -> None:
+    """Networks (``io.berth.network.v1``): named networks, and one attachment per container with its
+    address (unique per network: the address allocation) and published ports."""
+    _run_statements(conn, """
+        CREATE TABLE networks (
+            name TEXT PRIMARY KEY,
+            driver TEXT NOT NULL,
+            record TEXT NOT NULL,
+            labels TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE network_attachments (
+            namespace TEXT NOT NULL,
+            container_id TEXT NOT NULL,
+            network TEXT NOT NULL REFERENCES networks(name),
+            address TEXT NOT NULL,
+            record TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (namespace, container_id),
+            UNIQUE (network, address)
+        );
+    """)
+
+
 #: ``MIGRATIONS[n]`` brings a database from version ``n`` to ``n + 1``.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_schema_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_schema_v1, _schema_v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,0 +1,1 @@
+"""``io.berth.network.v1.bridge``: container networking with pyroute2 (netlink) and nftables."""

@@ -1,0 +1,111 @@
+"""berth's nftables table (``ip berth``) through libnftables' JSON interface (``nft -j``).
+
+Chains: ``prerouting``/``output`` (nat: published ports are DNATed to the container), ``postrouting``
+(nat: connections from 127.0.0.0/8 to a published port are masqueraded, so the container can answer;
+outbound NAT for networks that ask for it), ``forward`` (filter: one berth bridge never forwards to
+another). Every rule carries a comment naming its owner (``berth <namespace>/<container>`` or
+``berth-network <name>``), by which it is found again and deleted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import trio
+
+from berth.core.errdefs import Internal
+from berth.core.network import PortMapping
+
+TABLE = {"family": "ip", "table": "berth"}
+_CHAINS = (("prerouting", "nat", "prerouting", -100), ("output", "nat", "output", -100),
+           ("postrouting", "nat", "postrouting", 100), ("forward", "filter", "forward", 0))
+
+
+async def run(commands: list[dict[str, Any]]) -> dict[str, Any]:
+    """Apply ``commands`` (one transaction) and return nft's JSON answer.
+
+    Raises: Internal with nft's message.
+    """
+    result = await trio.run_process(["nft", "-j", "-f", "-"], stdin=json.dumps({"nftables": commands}).encode(),
+                                    capture_stdout=True, capture_stderr=True, check=False)
+    if result.returncode != 0:
+        raise Internal(f"nft refused the rules: {result.stderr.decode(errors='replace').strip()}")
+    return json.loads(result.stdout) if result.stdout.strip() else {}
+
+
+async def ensure_table() -> None:
+    commands: list[dict[str, Any]] = [{"add": {"table": {"family": "ip", "name": "berth"}}}]
+    for name, kind, hook, priority in _CHAINS:
+        commands.append({"add": {"chain": {**TABLE, "name": name, "type": kind, "hook": hook, "prio": priority,
+                                           "policy": "accept"}}})
+    commands.append({"add": {"set": {**TABLE, "name": "bridges", "type": "ifname"}}})
+    await run(commands)
+
+
+def _match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _port(protocol: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _rule(chain: str, comment: str, expr: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"add": {"rule": {**TABLE, "chain": chain, "comment": comment, "expr": expr}}}
+
+
+async def publish(owner: str, container_ip: str, ports: list[PortMapping]) -> None:
+    """DNAT each published port to ``container_ip`` (from this host, and from outside when the host IP
+    is not loopback)."""
+    commands = []
+    for port in ports:
+        if port.host_ip in ("0.0.0.0", ""):
+            destination = _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local")
+        else:
+            destination = _match({"payload": {"protocol": "ip", "field": "daddr"}}, port.host_ip)
+        dnat = [destination, _match(_port(port.protocol, "dport"), port.host_port),
+                {"dnat": {"addr": container_ip, "port": port.container_port}}]
+        commands.append(_rule("output", owner, dnat))
+        if not port.host_ip.startswith("127."):
+            commands.append(_rule("prerouting", owner, dnat))
+        commands.append(_rule("postrouting", owner, [
+            _match({"payload": {"protocol": "ip", "field": "saddr"}}, {"prefix": {"addr": "127.0.0.0", "len": 8}}),
+            _match({"payload": {"protocol": "ip", "field": "daddr"}}, container_ip),
+            _match(_port(port.protocol, "dport"), port.container_port), {"masquerade": None}]))
+    if commands:
+        await run(commands)
+
+
+async def isolate(owner: str, bridge: str, subnet: str, nat: bool) -> None:
+    """Keep ``bridge`` from forwarding to any other berth bridge; masquerade its outbound traffic if ``nat``."""
+    commands = [{"add": {"element": {**TABLE, "name": "bridges", "elem": [bridge]}}},
+                _rule("forward", owner, [_match({"meta": {"key": "iifname"}}, bridge),
+                                         _match({"meta": {"key": "oifname"}}, "@bridges"),
+                                         _match({"meta": {"key": "oifname"}}, bridge, "!="), {"drop": None}])]
+    if nat:
+        commands.append(_rule("postrouting", owner, [
+            _match({"payload": {"protocol": "ip", "field": "saddr"}},
+                   {"prefix": {"addr": subnet.split("/")[0], "len": int(subnet.split("/")[1])}}),
+            _match({"meta": {"key": "oifname"}}, bridge, "!="), {"masquerade": None}]))
+    await run(commands)
+
+
+async def rules() -> list[dict[str, Any]]:
+    """Every rule of the table (with ``chain``, ``handle`` and ``comment``)."""
+    result = await trio.run_process(["nft", "-j", "-a", "list", "table", "ip", "berth"], capture_stdout=True,
+                                    capture_stderr=True, check=False)
+    if result.returncode != 0:
+        return []
+    return [item["rule"] for item in json.loads(result.stdout).get("nftables", []) if "rule" in item]
+
+
+async def remove(owners: set[str], bridges: Iterable[str] = ()) -> None:
+    """Delete every rule whose comment is in ``owners``, and ``bridges`` from the bridge set."""
+    commands: list[dict[str, Any]] = [
+        {"delete": {"rule": {**TABLE, "chain": rule["chain"], "handle": rule["handle"]}}}
+        for rule in await rules() if rule.get("comment") in owners]
+    commands += [{"delete": {"element": {**TABLE, "name": "bridges", "elem": [bridge]}}} for bridge in bridges]
+    if commands:
+        await run(commands)

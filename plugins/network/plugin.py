@@ -1,0 +1,53 @@
+"""``io.berth.network.v1.bridge``: bridged networks for containers (docs/network.md)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from berth.core.errdefs import InvalidArgument
+from berth.core.plugin import InitContext, PluginType, Registration, Registry, SkipPlugin, hookimpl
+from berth.plugins.metadata.plugin import Metadata
+from berth.plugins.network.store import NetworkRecord, NetworkStore, parse_subnet
+
+
+@dataclass(kw_only=True)
+class Config:
+    #: The default network's name (``berth run --net bridge``).
+    default_network: str = "bridge"
+    #: Its Linux bridge.
+    bridge: str = "berth0"
+    #: Its address range; the first address is the gateway, on the bridge.
+    subnet: str = "10.88.0.0/16"
+    mtu: int = 1500
+    #: Masquerade the default network's traffic out of the host (off: containers reach only this host
+    #: and each other).
+    nat: bool = False
+    #: Where containers' network namespaces are bind-mounted (``<dir>/<namespace>/<id>``).
+    netns_dir: str = "/run/berth/netns"
+
+
+async def init(ic: InitContext) -> object:
+    try:
+        from berth.plugins.network.bridge import BridgeNetworks
+    except ImportError as err:  # pyroute2 is a dependency; a broken install skips networking only
+        raise SkipPlugin(f"pyroute2 cannot be imported: {err}") from None
+    config: Config = ic.config
+    subnet = parse_subnet(config.subnet)
+    if not 0 < len(config.bridge) <= 15:
+        raise InvalidArgument(f"bridge name {config.bridge!r} must be 1 to 15 characters")
+    default = NetworkRecord(name=config.default_network, driver="bridge", subnet=str(subnet),
+                            gateway=str(next(subnet.hosts())), bridge=config.bridge, mtu=config.mtu, nat=config.nat)
+    metadata: Metadata = ic.get_single(PluginType.METADATA)
+    networks = BridgeNetworks(NetworkStore(metadata.db), netns_dir=Path(config.netns_dir), default=default)
+    await networks.start()
+    ic.meta.exports.update({"default_network": config.default_network, "bridge": config.bridge,
+                            "subnet": str(ipaddress.IPv4Network(config.subnet))})
+    return networks
+
+
+@hookimpl
+def berth_register(registry: Registry) -> None:
+    registry.register(Registration(type=PluginType.NETWORK, id="bridge", config=Config, init=init,
+                                   requires=(PluginType.METADATA,)))
