@@ -27,6 +27,8 @@
               exec --exec-id E [-t] [-d] [--cwd D] [--env K=V] [--user UID[:GID]] ID CMD... | attach ID |
               ps ID | pause ID | resume ID | metrics [--format table|json] ID
         logs [-f] ID
+        network ls [-q] [--format table|json] | create --subnet CIDR [--gateway IP] [--mtu N] [--nat] NAME |
+                rm NAME... | inspect NAME
         events [--format json] [FILTER...]
 
 ``BERTH_ADDRESS`` and ``BERTH_NAMESPACE`` set the defaults of ``--address`` and ``--namespace``;
@@ -48,7 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from berth.client import taskcmds
+from berth.client import networkcmds, taskcmds
 from berth.client.sync import DEFAULT_ADDRESS, DEFAULT_NAMESPACE, Client, default_address, default_namespace
 from berth.core import __version__
 from berth.core.errdefs import AlreadyExists, BerthError, InvalidArgument, NotFound
@@ -847,6 +849,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
         taskcmds.add_container_create(c_sub, add)
 
     taskcmds.add_commands(commands, add, want)
+    networkcmds.add_commands(commands, add, want)
 
     events = add(commands, "events", cmd_events, "print events as they happen", ["event"])
     events.add_argument("--format", choices=["text", "json"], default="text")
