@@ -1,17 +1,24 @@
 """Bridged networks: a Linux bridge per network, a veth pair per container (one end in the container's
 network namespace as ``eth0``), addresses from the network's range, published ports through nftables.
 
-Netlink work is done with pyroute2 in worker threads; a container's side is configured from inside its
-namespace (:mod:`.netns`). Host ends are named ``vb<hash>`` after the container, so a reconcile pass can
-tell berth's veths from others.
+Netlink work is done with pyroute2 in worker threads; a container's side is configured through a netlink
+socket opened inside its namespace (:mod:`.netns`). Everything a plugin instance makes on the host is
+marked with its *instance tag* (a hash of its netns directory), so that several daemons on one host (tests
+start many) never reconcile away each other's veths or rules:
+
+- a host veth end is named ``vb<hash>`` and carries the alias ``berth <instance> <namespace>/<id>``;
+- an nftables rule for a published port carries the same text as its comment;
+- a bridge's isolation rule is commented ``berth-bridge <bridge>``, its NAT rule ``berth-nat <bridge>``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,75 +27,101 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from berth.core.errdefs import BerthError, InvalidArgument, NotFound
+from berth.core.errdefs import AlreadyExists, BerthError, Internal, InvalidArgument, NotFound
 from berth.core.identifiers import validate_identifier
 from berth.core.network import Attachment, Interface, NetworkInfo, NetworkRequest, PortMapping
 from berth.plugins.network import netns, nft
-from berth.plugins.network.store import AttachmentRecord, NetworkRecord, NetworkStore, parse_subnet
+from berth.plugins.network.store import (
+    AttachmentRecord,
+    NetworkRecord,
+    NetworkStore,
+    check_ports,
+    parse_subnet,
+)
 
 log = structlog.get_logger("berth.network")
 
 VETH_PREFIX = "vb"
+LOOPBACK = Interface(name="lo", mtu=65536, addresses=("127.0.0.1/8",))
+
+#: Bridges are made by one thread at a time (a second attach finds the first one's bridge).
+_bridge_lock = threading.Lock()
 
 
-def veth_name(namespace: str, container_id: str) -> str:
-    """The host end's name (15 characters at most, as Linux wants)."""
-    return VETH_PREFIX + hashlib.sha256(f"{namespace}/{container_id}".encode()).hexdigest()[:11]
+def _ignore_exists(err: NetlinkError) -> None:
+    if err.code != errno.EEXIST:
+        raise err
 
 
-def owner(namespace: str, container_id: str) -> str:
-    return f"berth {namespace}/{container_id}"
-
-
-def network_owner(name: str) -> str:
-    return f"berth-network {name}"
-
-
-def _ensure_bridge(network: NetworkRecord) -> None:
-    with IPRoute() as ipr:
+def _ensure_bridge(ipr: IPRoute, network: NetworkRecord) -> int:
+    """The bridge's index, after making it (with the gateway address, up) if it is missing."""
+    with _bridge_lock:
         found = ipr.link_lookup(ifname=network.bridge)
         if not found:
-            ipr.link("add", ifname=network.bridge, kind="bridge")
+            try:
+                ipr.link("add", ifname=network.bridge, kind="bridge")
+            except NetlinkError as err:  # another daemon made it meanwhile
+                _ignore_exists(err)
             found = ipr.link_lookup(ifname=network.bridge)
-            index = found[0]
-            ipr.addr("add", index=index, address=network.gateway, prefixlen=network.prefixlen)
+            index = int(found[0])
+            try:
+                ipr.addr("add", index=index, address=network.gateway, prefixlen=network.prefixlen)
+            except NetlinkError as err:
+                _ignore_exists(err)
             ipr.link("set", index=index, mtu=network.mtu, state="up")
-        # Published ports reach the container from 127.0.0.1: such packets may leave through the bridge.
-        with open(f"/proc/sys/net/ipv4/conf/{network.bridge}/route_localnet", "w") as f:
-            f.write("1")
+            # Published ports reach the container from 127.0.0.1: such packets may leave through the bridge.
+            with open(f"/proc/sys/net/ipv4/conf/{network.bridge}/route_localnet", "w") as f:
+                f.write("1")
+        return int(found[0])
 
 
-def _delete_link(name: str) -> None:
+def _delete_link(name: str) -> bool:
+    """Delete link ``name``; whether there was one."""
     with IPRoute() as ipr:
-        for index in ipr.link_lookup(ifname=name):
+        found = ipr.link_lookup(ifname=name)
+        for index in found:
             with contextlib.suppress(NetlinkError):
                 ipr.link("del", index=index)
+        return bool(found)
 
 
-def _plumb(network: NetworkRecord, path: Path, veth: str, address: str) -> Interface:
-    """Make the namespace at ``path``, the veth pair, and configure both ends; return ``eth0``."""
-    _ensure_bridge(network)
+def _lo_up(ipr: IPRoute) -> None:
+    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+def _plumb(network: NetworkRecord, path: Path, veth: str, alias: str, address: str) -> Interface:
+    """Make the namespace at ``path`` and a veth pair whose inner end is born in it as ``eth0``; put the
+    host end on the bridge, address and route the inner end; return ``eth0``."""
     netns.create(path)
-    peer = veth + "c"
-    with IPRoute() as ipr:
-        ipr.link("add", ifname=veth, kind="veth", peer={"ifname": peer})
-        host, inner = ipr.link_lookup(ifname=veth)[0], ipr.link_lookup(ifname=peer)[0]
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            ipr.link("set", index=inner, net_ns_fd=fd)
-        finally:
-            os.close(fd)
-        bridge = ipr.link_lookup(ifname=network.bridge)[0]
-        ipr.link("set", index=host, master=bridge, mtu=network.mtu, state="up")
-    with netns.entered(str(path)), IPRoute() as ipr:
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        index = ipr.link_lookup(ifname=peer)[0]
-        ipr.link("set", index=index, ifname="eth0", mtu=network.mtu)
-        ipr.addr("add", index=index, address=address, prefixlen=network.prefixlen)
-        ipr.link("set", index=index, state="up")
-        ipr.route("add", dst="0.0.0.0/0", gateway=network.gateway)
-        mac = ipr.get_links(index)[0].get_attr("IFLA_ADDRESS")
+    with netns.entered(str(path)):
+        inner = IPRoute()  # a netlink socket stays in the namespace it was opened in
+    try:
+        with IPRoute() as ipr:
+            bridge = _ensure_bridge(ipr, network)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ipr.link("add", ifname=veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": fd})
+            finally:
+                os.close(fd)
+            host = ipr.link_lookup(ifname=veth)[0]
+            ipr.link("set", index=host, master=bridge, mtu=network.mtu, ifalias=alias, state="up")
+        _lo_up(inner)
+        index = inner.link_lookup(ifname="eth0")[0]
+        inner.link("set", index=index, mtu=network.mtu)
+        inner.addr("add", index=index, address=address, prefixlen=network.prefixlen)
+        inner.link("set", index=index, state="up")
+        inner.route("add", dst="0.0.0.0/0", gateway=network.gateway)
+        mac = inner.get_links(index)[0].get_attr("IFLA_ADDRESS")
+    finally:
+        inner.close()
     return Interface(name="eth0", mac=str(mac), mtu=network.mtu, addresses=(f"{address}/{network.prefixlen}",))
+
+
+def _loopback_only(path: Path) -> None:
+    """A namespace at ``path`` with only ``lo``, up."""
+    netns.create(path)
+    with netns.entered(str(path)), IPRoute() as ipr:
+        _lo_up(ipr)
 
 
 def _unplumb(veth: str, path: Path) -> None:
@@ -96,10 +129,29 @@ def _unplumb(veth: str, path: Path) -> None:
     netns.remove(path)
 
 
-def _berth_veths() -> list[str]:
+def _tagged_veths(prefix: str) -> dict[str, str]:
+    """Host veth ends whose alias starts with ``prefix``: name -> alias."""
     with IPRoute() as ipr:
-        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-    return [name for name in names if name and name.startswith(VETH_PREFIX) and len(name) == 13]
+        found = {}
+        for link in ipr.get_links():
+            alias = link.get_attr("IFLA_IFALIAS") or ""
+            name = link.get_attr("IFLA_IFNAME") or ""
+            if alias.startswith(prefix) and name.startswith(VETH_PREFIX):
+                found[name] = alias
+        return found
+
+
+def _mounted_under(directory: Path) -> list[Path]:
+    """Namespace files (mounted or not) at ``<directory>/<namespace>/<id>``."""
+    return sorted(p for p in directory.glob("*/*") if not p.is_dir()) if directory.is_dir() else []
+
+
+def _netlink_error(container_id: str, network: str, err: BaseException) -> BerthError:
+    code = getattr(err, "code", None) or getattr(err, "errno", None)
+    if code == errno.EEXIST:
+        return AlreadyExists(f"cannot attach {container_id} to network {network}: something of it exists "
+                             f"already ({err})")
+    return Internal(f"cannot attach {container_id} to network {network}: {err}")
 
 
 class BridgeNetworks:
@@ -109,48 +161,82 @@ class BridgeNetworks:
         self.store = store
         self.netns_dir = netns_dir
         self.default = default
-        self._lock = trio.Lock()
+        #: Marks this instance's host objects (see the module's docstring).
+        self.instance = hashlib.sha256(str(netns_dir.absolute()).encode()).hexdigest()[:8]
+        self._ready: set[str] = set()
+        self._ready_lock = trio.Lock()
+
+    def veth_name(self, namespace: str, container_id: str) -> str:
+        """The host end's name (15 characters at most, as Linux wants)."""
+        digest = hashlib.sha256(f"{self.instance}/{namespace}/{container_id}".encode()).hexdigest()
+        return VETH_PREFIX + digest[:11]
+
+    def owner(self, namespace: str, container_id: str) -> str:
+        """The alias of the container's host veth and the comment of its nftables rules."""
+        return f"berth {self.instance} {namespace}/{container_id}"
 
     async def start(self) -> None:
-        """Make sure the default network and berth's nftables table exist."""
-        await nft.ensure_table()
+        """Record the default network (nothing on the host is made before a container needs it); a
+        changed configuration replaces the recorded one unless containers use it."""
         try:
-            await self.store.get(self.default.name)
+            recorded = await self.store.get(self.default.name)
         except NotFound:
             await self.store.create(self.default)
-            await nft.isolate(network_owner(self.default.name), self.default.bridge, self.default.subnet,
-                              self.default.nat)
+            return
+        if recorded == self.default:
+            return
+        if await self.store.attachments(self.default.name):
+            log.warning("network_config_not_applied", name=self.default.name, reason="containers use it",
+                        subnet=recorded.subnet, bridge=recorded.bridge)
+            self.default = recorded
+            return
+        await self.store.delete(self.default.name)
+        await self.store.create(self.default)
 
     def netns_path(self, namespace: str, container_id: str) -> str:
         return str(self.netns_dir / namespace / container_id)
 
+    async def _prepare(self, network: NetworkRecord) -> None:
+        """berth's nftables table, and this network's isolation (and NAT) rules, once per process."""
+        async with self._ready_lock:
+            if network.bridge in self._ready:
+                return
+            await nft.ensure_table()
+            await nft.isolate(network.bridge, network.subnet, network.nat)
+            self._ready.add(network.bridge)
+
     async def create(self, name: str, *, subnet: str = "", gateway: str = "", mtu: int = 0, nat: bool = False,
                      labels: dict[str, str] | None = None) -> NetworkInfo:
         validate_identifier(name, "network name")
-        if name in ("none", "host") or name.startswith("container"):
+        if name in ("none", "host", "default") or name.startswith("container"):
             raise InvalidArgument(f"network name {name!r} is reserved")
-        network = parse_subnet(subnet) if subnet else None
-        if network is None:
-            raise InvalidArgument("a network needs --subnet (e.g. 10.89.0.0/24)")
-        gateway_ip = ipaddress.IPv4Address(gateway) if gateway else next(network.hosts())
-        if gateway_ip not in network:
-            raise InvalidArgument(f"gateway {gateway_ip} is not in {network}")
-        bridge = "bn-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+        if not subnet:
+            raise InvalidArgument("a network needs a subnet (e.g. --subnet 10.89.0.0/24)")
+        network = parse_subnet(subnet)
+        try:
+            gateway_ip = ipaddress.IPv4Address(gateway) if gateway else next(network.hosts())
+        except ValueError:
+            raise InvalidArgument(f"gateway {gateway!r} is not an IPv4 address") from None
+        if gateway_ip not in network or gateway_ip in (network.network_address, network.broadcast_address):
+            raise InvalidArgument(f"gateway {gateway_ip} is not a host address of {network}")
+        if not 0 <= mtu <= 65535 or 0 < mtu < 576:
+            raise InvalidArgument(f"mtu {mtu} is out of range (576 to 65535)")
+        bridge = "bn" + hashlib.sha256(f"{self.instance}/{name}".encode()).hexdigest()[:11]
         record = NetworkRecord(name=name, driver="bridge", subnet=str(network), gateway=str(gateway_ip),
                                bridge=bridge, mtu=mtu or self.default.mtu, nat=nat, labels=dict(labels or {}))
         await self.store.create(record)
-        await nft.isolate(network_owner(name), bridge, record.subnet, nat)
         log.info("network_created", name=name, subnet=record.subnet, bridge=bridge)
         return await self.inspect(name)
 
     async def remove(self, name: str) -> None:
-        network = await self.store.get(name)
         if name == self.default.name:
             raise InvalidArgument(f"network {name} is the default network")
+        network = await self.store.get(name)
         await self.store.delete(name)
-        await nft.remove({network_owner(name)}, [network.bridge])
+        self._ready.discard(network.bridge)
+        await nft.forget_bridge(network.bridge)
         await trio.to_thread.run_sync(_delete_link, network.bridge)
-        log.info("network_removed", name=name)
+        log.info("network_removed", name=name, bridge=network.bridge)
 
     async def inspect(self, name: str) -> NetworkInfo:
         network = await self.store.get(name)
@@ -164,76 +250,111 @@ class BridgeNetworks:
 
     async def attach(self, namespace: str, container_id: str, request: NetworkRequest, *,
                      hostname: str = "") -> Attachment:
+        """Raises: NotFound (no such network); AlreadyExists (attached already, or a published port is
+        taken); ResourceExhausted (no address left); InvalidArgument (bad ports, or a mode this plugin does
+        not attach); Internal (netlink or nft refused)."""
         path = Path(self.netns_path(namespace, container_id))
+        if request.mode == "host":
+            return Attachment(network="host", netns="")
+        if request.mode.startswith("container:"):
+            raise InvalidArgument(f"--net {request.mode} joins that container's namespace: there is nothing "
+                                  "to attach")
+        if request.mode == "none":
+            if request.ports:
+                raise InvalidArgument("published ports need a named network, not --net none")
+            try:
+                await trio.to_thread.run_sync(_loopback_only, path)
+            except FileExistsError:
+                raise AlreadyExists(f"container {container_id} has a network namespace already") from None
+            except OSError as err:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(netns.remove, path)
+                raise _netlink_error(container_id, "none", err) from None
+            log.info("network_attached", container_id=container_id, namespace=namespace, network="none")
+            return Attachment(network="none", netns=str(path), interfaces=(LOOPBACK,))
+        check_ports(request.ports)
         network = await self.store.get(request.mode)
-        veth = veth_name(namespace, container_id)
+        await self._prepare(network)
+        veth = self.veth_name(namespace, container_id)
         record = await self.store.attach(namespace, container_id, network, {
             "veth": veth, "netns": str(path), "ports": [p.to_wire() for p in request.ports]})
         try:
-            interface = await trio.to_thread.run_sync(_plumb, network, path, veth, record.address)
-            await nft.publish(owner(namespace, container_id), record.address, list(request.ports))
+            interface = await trio.to_thread.run_sync(_plumb, network, path, veth,
+                                                      self.owner(namespace, container_id), record.address)
+            if request.ports:
+                await nft.publish(self.owner(namespace, container_id), record.address, list(request.ports))
         except BaseException as err:
             with trio.CancelScope(shield=True):
-                await self._teardown(record)
+                await self._teardown(record, rules=True)
             if isinstance(err, (NetlinkError, OSError)):
-                raise InvalidArgument(f"cannot attach {container_id} to network {network.name}: {err}") from None
+                raise _netlink_error(container_id, network.name, err) from None
             raise
         log.info("network_attached", container_id=container_id, namespace=namespace, network=network.name,
                  address=record.address, veth=veth)
-        return Attachment(network=network.name, netns=str(path), interfaces=(interface,),
+        return Attachment(network=network.name, netns=str(path), interfaces=(interface, LOOPBACK),
                           routes=(("0.0.0.0/0", network.gateway),), ports=request.ports)
 
-    async def _teardown(self, record: AttachmentRecord) -> None:
-        await nft.remove({owner(record.namespace, record.container_id)})
+    async def _teardown(self, record: AttachmentRecord, *, rules: bool = False) -> None:
+        """Remove the record's rules (when it published ports, or ``rules``), veth and namespace, then the
+        record (its address returns to the pool last)."""
+        if rules or record.details.get("ports"):
+            await nft.remove({self.owner(record.namespace, record.container_id)})
         await trio.to_thread.run_sync(_unplumb, str(record.details["veth"]), Path(record.details["netns"]))
         await self.store.detach(record.namespace, record.container_id)
 
     async def detach(self, namespace: str, container_id: str) -> None:
         record = await self.store.attachment(namespace, container_id)
-        if record is None:
+        if record is None:  # --net none, or never attached
             await trio.to_thread.run_sync(netns.remove, Path(self.netns_path(namespace, container_id)))
             return
         await self._teardown(record)
-        log.info("network_detached", container_id=container_id, namespace=namespace, network=record.network)
+        log.info("network_detached", container_id=container_id, namespace=namespace, network=record.network,
+                 address=record.address)
 
     async def attachment(self, namespace: str, container_id: str) -> Attachment | None:
         record = await self.store.attachment(namespace, container_id)
         if record is None:
+            path = Path(self.netns_path(namespace, container_id))
+            if await trio.to_thread.run_sync(netns.is_mounted, path):
+                return Attachment(network="none", netns=str(path), interfaces=(LOOPBACK,))
             return None
         network = await self.store.get(record.network)
         return Attachment(network=record.network, netns=str(record.details["netns"]),
                           interfaces=(Interface(name="eth0", mtu=network.mtu,
-                                                addresses=(f"{record.address}/{network.prefixlen}",)),),
+                                                addresses=(f"{record.address}/{network.prefixlen}",)), LOOPBACK),
                           routes=(("0.0.0.0/0", network.gateway),),
                           ports=tuple(PortMapping.from_wire(p) for p in record.details.get("ports") or ()))
 
     async def reconcile(self, keep: Iterable[tuple[str, str]]) -> Sequence[str]:
-        """Detach every recorded attachment not in ``keep``, then delete berth veths, nftables rules and
-        namespace mounts that belong to no attachment (left by a crash mid-attach)."""
+        """Detach every recorded attachment not in ``keep``, then delete this instance's veths, nftables
+        rules and namespace files that belong to no attachment (left by a crash mid-attach)."""
         kept = set(keep)
         removed: list[str] = []
         for record in await self.store.attachments():
             if (record.namespace, record.container_id) not in kept:
                 try:
-                    await self._teardown(record)
+                    await self._teardown(record, rules=True)
                     removed.append(f"{record.namespace}/{record.container_id}")
                 except BerthError as err:
                     log.warning("network_reconcile_failed", container_id=record.container_id, error=str(err))
         live = await self.store.attachments()
         wanted_veths = {str(r.details["veth"]) for r in live}
-        for name in await trio.to_thread.run_sync(_berth_veths):
+        tag = f"berth {self.instance} "
+        for name in await trio.to_thread.run_sync(_tagged_veths, tag):
             if name not in wanted_veths:
                 await trio.to_thread.run_sync(_delete_link, name)
                 removed.append(f"veth {name}")
-        owners = {owner(r.namespace, r.container_id) for r in live}
-        stray = {rule.get("comment", "") for rule in await nft.rules()
-                 if str(rule.get("comment", "")).startswith("berth ") and rule.get("comment") not in owners}
+        owners = {self.owner(r.namespace, r.container_id) for r in live}
+        stray = {str(rule["comment"]) for rule in await nft.rules()
+                 if str(rule.get("comment", "")).startswith(tag) and rule["comment"] not in owners}
         if stray:
             await nft.remove(stray)
             removed += sorted(stray)
         wanted_paths = {str(r.details["netns"]) for r in live} | {self.netns_path(ns, cid) for ns, cid in kept}
-        for path in await trio.to_thread.run_sync(lambda: sorted(self.netns_dir.glob("*/*"))):
+        for path in await trio.to_thread.run_sync(_mounted_under, self.netns_dir):
             if str(path) not in wanted_paths:
                 await trio.to_thread.run_sync(netns.remove, path)
                 removed.append(f"netns {path}")
+        if removed:
+            log.info("network_reconciled", removed=removed)
         return removed

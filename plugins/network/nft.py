@@ -3,12 +3,13 @@
 Chains: ``prerouting``/``output`` (nat: published ports are DNATed to the container), ``postrouting``
 (nat: connections from 127.0.0.0/8 to a published port are masqueraded, so the container can answer;
 outbound NAT for networks that ask for it), ``forward`` (filter: one berth bridge never forwards to
-another). Every rule carries a comment naming its owner (``berth <namespace>/<container>`` or
-``berth-network <name>``), by which it is found again and deleted.
+another). Every rule carries a comment naming its owner (``berth <instance> <namespace>/<container>``,
+``berth-bridge <bridge>`` or ``berth-nat <bridge>``), by which it is found again and deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -78,18 +79,27 @@ async def publish(owner: str, container_ip: str, ports: list[PortMapping]) -> No
         await run(commands)
 
 
-async def isolate(owner: str, bridge: str, subnet: str, nat: bool) -> None:
-    """Keep ``bridge`` from forwarding to any other berth bridge; masquerade its outbound traffic if ``nat``."""
-    commands = [{"add": {"element": {**TABLE, "name": "bridges", "elem": [bridge]}}},
-                _rule("forward", owner, [_match({"meta": {"key": "iifname"}}, bridge),
-                                         _match({"meta": {"key": "oifname"}}, "@bridges"),
-                                         _match({"meta": {"key": "oifname"}}, bridge, "!="), {"drop": None}])]
-    if nat:
-        commands.append(_rule("postrouting", owner, [
+async def isolate(bridge: str, subnet: str, nat: bool) -> None:
+    """Keep ``bridge`` from forwarding to any other berth bridge; masquerade its outbound traffic if ``nat``.
+    Rules that are there already are not added again."""
+    present = {str(rule.get("comment", "")) for rule in await rules()}
+    commands: list[dict[str, Any]] = [{"add": {"element": {**TABLE, "name": "bridges", "elem": [bridge]}}}]
+    if f"berth-bridge {bridge}" not in present:
+        commands.append(_rule("forward", f"berth-bridge {bridge}", [
+            _match({"meta": {"key": "iifname"}}, bridge), _match({"meta": {"key": "oifname"}}, "@bridges"),
+            _match({"meta": {"key": "oifname"}}, bridge, "!="), {"drop": None}]))
+    if nat and f"berth-nat {bridge}" not in present:
+        address, length = subnet.split("/")
+        commands.append(_rule("postrouting", f"berth-nat {bridge}", [
             _match({"payload": {"protocol": "ip", "field": "saddr"}},
-                   {"prefix": {"addr": subnet.split("/")[0], "len": int(subnet.split("/")[1])}}),
+                   {"prefix": {"addr": address, "len": int(length)}}),
             _match({"meta": {"key": "oifname"}}, bridge, "!="), {"masquerade": None}]))
     await run(commands)
+
+
+async def forget_bridge(bridge: str) -> None:
+    """Remove ``bridge``'s isolation and NAT rules and its element of the bridge set."""
+    await remove({f"berth-bridge {bridge}", f"berth-nat {bridge}"}, [bridge])
 
 
 async def rules() -> list[dict[str, Any]]:
@@ -106,6 +116,8 @@ async def remove(owners: set[str], bridges: Iterable[str] = ()) -> None:
     commands: list[dict[str, Any]] = [
         {"delete": {"rule": {**TABLE, "chain": rule["chain"], "handle": rule["handle"]}}}
         for rule in await rules() if rule.get("comment") in owners]
-    commands += [{"delete": {"element": {**TABLE, "name": "bridges", "elem": [bridge]}}} for bridge in bridges]
     if commands:
         await run(commands)
+    for bridge in bridges:
+        with contextlib.suppress(Internal):  # not in the set
+            await run([{"delete": {"element": {**TABLE, "name": "bridges", "elem": [bridge]}}}])

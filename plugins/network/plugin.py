@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +23,9 @@ class Config:
     #: Masquerade the default network's traffic out of the host (off: containers reach only this host
     #: and each other).
     nat: bool = False
-    #: Where containers' network namespaces are bind-mounted (``<dir>/<namespace>/<id>``).
-    netns_dir: str = "/run/berth/netns"
+    #: Where containers' network namespaces are bind-mounted (``<dir>/<namespace>/<id>``); empty: the
+    #: daemon's state directory's ``netns`` (``/run/berth/netns``).
+    netns_dir: str = ""
 
 
 async def init(ic: InitContext) -> object:
@@ -40,10 +40,12 @@ async def init(ic: InitContext) -> object:
     default = NetworkRecord(name=config.default_network, driver="bridge", subnet=str(subnet),
                             gateway=str(next(subnet.hosts())), bridge=config.bridge, mtu=config.mtu, nat=config.nat)
     metadata: Metadata = ic.get_single(PluginType.METADATA)
-    networks = BridgeNetworks(NetworkStore(metadata.db), netns_dir=Path(config.netns_dir), default=default)
+    netns_dir = Path(config.netns_dir) if config.netns_dir else ic.state.parent / "netns"
+    networks = BridgeNetworks(NetworkStore(metadata.db), netns_dir=netns_dir, default=default)
     await networks.start()
     ic.meta.exports.update({"default_network": config.default_network, "bridge": config.bridge,
-                            "subnet": str(ipaddress.IPv4Network(config.subnet))})
+                            "subnet": str(subnet), "netns_dir": str(netns_dir),
+                            "instance": networks.instance})
     return networks
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from berth.core.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from berth.core.metadata.db import MetadataDB, dump_labels, load_labels
+from berth.core.network import PortMapping
 
 IPv4 = ipaddress.IPv4Address
 
@@ -45,6 +46,33 @@ def allocate(subnet: ipaddress.IPv4Network, gateway: IPv4, taken: Iterable[IPv4]
         if address not in used:
             return address
     raise ResourceExhausted(f"no address left in {subnet}")
+
+
+def check_ports(ports: Iterable[PortMapping]) -> None:
+    """Ports in range, a known protocol, an IPv4 host address, no host port twice.
+
+    Raises: InvalidArgument naming the port.
+    """
+    seen: set[tuple[str, int, str]] = set()
+    for port in ports:
+        text = f"{port.host_ip}:{port.host_port}:{port.container_port}/{port.protocol}"
+        if not (0 < port.host_port < 65536 and 0 < port.container_port < 65536):
+            raise InvalidArgument(f"published port {text}: ports are 1 to 65535")
+        if port.protocol not in ("tcp", "udp"):
+            raise InvalidArgument(f"published port {text}: the protocol is tcp or udp")
+        try:
+            ipaddress.IPv4Address(port.host_ip)
+        except ValueError:
+            raise InvalidArgument(f"published port {text}: {port.host_ip!r} is not an IPv4 address") from None
+        for key in seen:
+            if _clash(key, (port.host_ip, port.host_port, port.protocol)):
+                raise InvalidArgument(f"published port {text}: host port {port.host_port} is given twice")
+        seen.add((port.host_ip, port.host_port, port.protocol))
+
+
+def _clash(a: tuple[str, int, str], b: tuple[str, int, str]) -> bool:
+    """Whether two (host IP, host port, protocol) publications would catch the same packets."""
+    return a[1:] == b[1:] and (a[0] == b[0] or "0.0.0.0" in (a[0], b[0]))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,7 +153,8 @@ class NetworkStore:
                      details: dict[str, Any]) -> AttachmentRecord:
         """Record an attachment with a freshly allocated address.
 
-        Raises: AlreadyExists (the container has one); ResourceExhausted.
+        Raises: AlreadyExists (the container has one, or another container publishes one of its host
+        ports); ResourceExhausted.
         """
         subnet = ipaddress.IPv4Network(network.subnet)
         gateway = IPv4(network.gateway)
@@ -134,6 +163,15 @@ class NetworkStore:
             if conn.execute("SELECT 1 FROM network_attachments WHERE namespace = ? AND container_id = ?",
                             (namespace, container_id)).fetchone():
                 raise AlreadyExists(f"container {container_id} is attached to a network already")
+            wanted = [(str(p["host_ip"]), int(p["host_port"]), str(p["protocol"])) for p in details.get("ports", ())]
+            if wanted:
+                for row in conn.execute("SELECT namespace, container_id, record FROM network_attachments"):
+                    for port in json.loads(row[2]).get("ports") or ():
+                        held = (str(port["host_ip"]), int(port["host_port"]), str(port["protocol"]))
+                        for key in wanted:
+                            if _clash(held, key):
+                                raise AlreadyExists(f"port {key[0]}:{key[1]}/{key[2]} is published already "
+                                                    f"(by {row[0]}/{row[1]})")
             taken = [IPv4(r[0]) for r in conn.execute(
                 "SELECT address FROM network_attachments WHERE network = ?", (network.name,))]
             address = allocate(subnet, gateway, taken)
