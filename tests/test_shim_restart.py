@@ -146,3 +146,38 @@ def test_an_idle_shim_exits(node: Node) -> None:
     pid = node.shim_pid()
     wait_for(lambda: not alive(pid), timeout=15, what="the idle shim to exit")
     assert node.daemon.cli("run", "--rm", IMAGE, "brief2", "echo", "fresh").stdout == "fresh\n"
+
+
+def test_five_running_two_exit_while_the_daemon_is_down(node: Node) -> None:
+    """The issue's scenario: 5 running, SIGKILL berthd, 2 exit meanwhile, restart: all 5 listed, the 2
+    exits with their real codes, the other 3 still running and attachable."""
+    pids = {f"five{i}": node.run_detached(f"five{i}", "sh", "-c", f"sleep {2 if i < 2 else 300}; exit {10 + i}")
+            for i in range(5)}
+    node.daemon.stop(signal.SIGKILL)
+    time.sleep(3)  # five0 and five1 exit (10 and 11) while no daemon runs
+    node.restart()
+    with node.client() as client:
+        tasks = {t["id"]: t for t in client.call("tasks.list", {})["tasks"]}
+        assert set(tasks) == set(pids)
+        for i in (0, 1):
+            task = tasks[f"five{i}"]
+            assert (task["status"], task["exit_status"], task["pid"]) == ("stopped", 10 + i, pids[f"five{i}"])
+            assert client.call("tasks.wait", {"container_id": f"five{i}"})["exit_status"] == 10 + i
+        for i in (2, 3, 4):
+            assert tasks[f"five{i}"]["status"] == "running"
+            assert alive(pids[f"five{i}"])
+        stream = client.stream("tasks.attach", {"container_id": "five2"})
+        assert next(stream) == {"attached": True}  # attachable after the restart
+        with node.client() as side:
+            side.call("tasks.exec", {"container_id": "five2", "exec_id": "hello", "process": {
+                "args": ["sh", "-c", "echo hello > /proc/1/fd/1"], "cwd": "/", "env": ["PATH=/bin"],
+                "user": {"uid": 0, "gid": 0}}})
+            side.call("tasks.start", {"container_id": "five2", "exec_id": "hello"})
+        assert next(stream) == {"stdout": b"hello\n"}  # the init's stdout, as held by the shim since before
+        stream.close()
+        for i in range(5):
+            cid = f"five{i}"
+            if i >= 2:
+                client.call("tasks.kill", {"container_id": cid, "signal": 9})
+                assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 137
+            client.call("tasks.delete", {"container_id": cid})
