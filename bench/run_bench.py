@@ -1,15 +1,16 @@
 """Running containers, side by side with containerd: ``berth run`` against ``ctr run``, and what the
 supervising shims cost in memory.
 
-    python3 bench/run_bench.py [--runs 20] [--containers 10]
+    python3 bench/run_bench.py [--runs 20] [--containers 20]
 
-1. ``berth run --rm IMAGE ID echo hi`` as a whole CLI process (warm command server, warm group shim),
-   and ``ctr run --rm IMAGE ID echo hi`` against a private containerd (Debian's 1.6, runc), both on
-   the same locally built busybox image, alternating run by run. Also berth's first run, which starts
-   its shim. Medians over ``--runs``.
-2. ``--containers`` detached ``sleep`` containers in each, then the RSS and PSS (``smaps_rollup``) of
-   the processes that supervise them: berth's group shim (one per namespace by default) against
-   containerd's ``containerd-shim-runc-v2`` processes (one per container), per container.
+1. ``berth run --rm IMAGE ID /bin/true`` as a whole CLI process (warm command server, warm group
+   shim) and ``ctr run --rm IMAGE ID /bin/true`` against a private containerd (Debian's 1.6, runc),
+   both on the same locally built busybox image, alternating run by run. Also berth's first run,
+   which starts its shim. Medians over ``--runs``.
+2. The daemons' RSS, idle.
+3. ``--containers`` (20) detached ``sleep`` containers started at once (concurrent CLI processes) in
+   each; the RSS and PSS (``smaps_rollup``) of what supervises them (berth's group shim against
+   containerd's ``containerd-shim-runc-v2`` per container) and of the daemons; then all removed at once.
 
 JSON to bench/results/. Needs root. Everything started here is stopped by PID at the end.
 """
@@ -34,17 +35,15 @@ from peers import start_containerd, start_daemon, stop_daemon  # bench/peers.py,
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from imagebuild import busybox_image, write_oci_archive
 
-from berth.client.sync import Client
-
 IMAGE = "localhost/busybox:latest"
 BERTH = str(Path(sysconfig.get_path("scripts")) / "berth")
 
 
-def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+def timed(argv: list[str], env: dict[str, str] | None = None, expect: bytes = b"hi") -> float:
     started = time.perf_counter()
     result = subprocess.run(argv, capture_output=True, env=env, check=False)
     elapsed = time.perf_counter() - started
-    if result.returncode != 0 or result.stdout.strip() != b"hi":
+    if result.returncode != 0 or result.stdout.strip() != expect:
         raise SystemExit(f"{argv} failed ({result.returncode}): {result.stdout!r} {result.stderr!r}")
     return elapsed
 
@@ -73,73 +72,93 @@ def processes_with(words: list[str]) -> list[int]:
     return found
 
 
+def at_once(commands: list[list[str]], env: dict[str, str] | None = None) -> float:
+    """Start every command at the same moment; return the seconds until the last one ended."""
+    started = time.perf_counter()
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) for c in commands]
+    for proc, command in zip(procs, commands, strict=True):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"{command} failed: {err.decode(errors='replace')}")
+    return time.perf_counter() - started
+
+
+def supervision(pids: list[int], containers: int) -> dict[str, float]:
+    rss, pss = (sum(values) for values in zip(*(memory(pid) for pid in pids), strict=True))
+    return {"processes": len(pids), "rss_mib": rss / 1024, "pss_mib": pss / 1024,
+            "rss_per_container_mib": rss / 1024 / containers, "pss_per_container_mib": pss / 1024 / containers}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--containers", type=int, default=10)
+    parser.add_argument("--containers", type=int, default=20)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="berth-run-bench-"))
     archive = write_oci_archive(work / "busybox.tar", {IMAGE: busybox_image()})
     berthd, address = start_daemon(work / "berth")
     env = {**os.environ, "BERTH_ADDRESS": address}
     peer = start_containerd(work)
-    results: dict[str, object] = {"runs": args.runs, "containers": args.containers}
+    ctr = ["ctr", "--address", peer[1]] if peer is not None else None
+    n = args.containers
+    results: dict[str, object] = {"runs": args.runs, "containers": n}
     try:
         subprocess.run([BERTH, "images", "import", str(archive)], env=env, check=True, stdout=subprocess.DEVNULL)
         results["berth_first_run_s"] = timed([BERTH, "run", "--rm", IMAGE, "first", "echo", "hi"], env)
-        berth_runs: list[float] = []
-        ctr_runs: list[float] = []
-        ctr = None
-        if peer is not None:
-            ctr = ["ctr", "--address", peer[1]]
+        if ctr is not None:
             subprocess.run([*ctr, "images", "import", "--snapshotter", "overlayfs", str(archive)], check=True,
                            stdout=subprocess.DEVNULL)
             timed([*ctr, "run", "--rm", IMAGE, "warm", "echo", "hi"])
-        for i in range(args.runs):
-            berth_runs.append(timed([BERTH, "run", "--rm", IMAGE, f"b{i}", "echo", "hi"], env))
-            if ctr is not None:
-                ctr_runs.append(timed([*ctr, "run", "--rm", IMAGE, f"c{i}", "echo", "hi"]))
-        results["berth_run_median_s"] = statistics.median(berth_runs)
-        print(f"berth run --rm (warm shim): median {statistics.median(berth_runs) * 1000:.0f} ms "
-              f"(first run, starting the shim: {results['berth_first_run_s'] * 1000:.0f} ms)")
-        if ctr_runs:
-            results["ctr_run_median_s"] = statistics.median(ctr_runs)
-            print(f"ctr run --rm:               median {statistics.median(ctr_runs) * 1000:.0f} ms "
-                  f"-> berth/containerd = {statistics.median(berth_runs) / statistics.median(ctr_runs):.2f}x")
 
-        for i in range(args.containers):
-            subprocess.run([BERTH, "run", "-d", IMAGE, f"s{i}", "sleep", "600"], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
-        shims = processes_with(["berth.runtimes.shim", str(work / "berth" / "state")])
-        rss, pss = (sum(values) for values in zip(*(memory(pid) for pid in shims), strict=True))
-        results["berth_shims"] = {"processes": len(shims), "rss_kib": rss, "pss_kib": pss}
-        print(f"berth: {len(shims)} shim process(es) for {args.containers} containers: RSS {rss / 1024:.1f} MiB, "
-              f"PSS {pss / 1024:.1f} MiB = {rss / 1024 / args.containers:.2f} / "
-              f"{pss / 1024 / args.containers:.2f} MiB per container")
-        if ctr is not None and peer is not None:
-            for i in range(args.containers):
-                subprocess.run([*ctr, "run", "-d", IMAGE, f"s{i}", "sleep", "600"], check=True,
-                               stdout=subprocess.DEVNULL)
-            shims = processes_with(["containerd-shim-runc-v2", peer[1]])
-            rss, pss = (sum(values) for values in zip(*(memory(pid) for pid in shims), strict=True))
-            results["containerd_shims"] = {"processes": len(shims), "rss_kib": rss, "pss_kib": pss}
-            print(f"containerd: {len(shims)} shim processes for {args.containers} containers: RSS "
-                  f"{rss / 1024:.1f} MiB, PSS {pss / 1024:.1f} MiB = {rss / 1024 / args.containers:.2f} / "
-                  f"{pss / 1024 / args.containers:.2f} MiB per container")
+        # 1. one container, /bin/true, run and removed, as a whole CLI process
+        single: dict[str, list[float]] = {"berth": [], "containerd": []}
+        for i in range(args.runs):
+            single["berth"].append(timed([BERTH, "run", "--rm", IMAGE, f"b{i}", "/bin/true"], env, expect=b""))
+            if ctr is not None:
+                single["containerd"].append(timed([*ctr, "run", "--rm", IMAGE, f"c{i}", "/bin/true"], expect=b""))
+        report(results, "run --rm /bin/true", {k: statistics.median(v) for k, v in single.items() if v})
+
+        # 2. the daemons' own memory, idle
+        results["berthd_idle_rss_mib"] = memory(berthd.pid)[0] / 1024
+        if peer is not None:
+            results["containerd_idle_rss_mib"] = memory(peer[0].pid)[0] / 1024
+
+        # 3. n containers started detached at once, their supervision's memory, the daemons' RSS, removal
+        starts = {"berth": at_once([[BERTH, "run", "-d", IMAGE, f"s{i}", "sleep", "600"] for i in range(n)], env)}
+        if ctr is not None:
+            starts["containerd"] = at_once([[*ctr, "run", "-d", IMAGE, f"s{i}", "sleep", "600"] for i in range(n)])
+        report(results, f"{n} started at once", starts)
+        results["berth_supervision"] = supervision(
+            processes_with(["berth.runtimes.shim", str(work / "berth" / "state")]), n)
+        results["berthd_rss_with_containers_mib"] = memory(berthd.pid)[0] / 1024
+        if peer is not None:
+            results["containerd_supervision"] = supervision(processes_with(["containerd-shim-runc-v2", peer[1]]), n)
+            results["containerd_rss_with_containers_mib"] = memory(peer[0].pid)[0] / 1024
+        for who in ("berth", "containerd"):
+            data = results.get(f"{who}_supervision")
+            if isinstance(data, dict):
+                print(f"{who:10} supervision of {n}: {data['processes']} process(es), RSS {data['rss_mib']:.1f} MiB, "
+                      f"PSS {data['pss_mib']:.1f} MiB = {data['rss_per_container_mib']:.2f} / "
+                      f"{data['pss_per_container_mib']:.2f} MiB per container")
+        print(f"daemon RSS idle / with {n}: berthd {results['berthd_idle_rss_mib']:.0f} / "
+              f"{results['berthd_rss_with_containers_mib']:.0f} MiB"
+              + (f", containerd {results['containerd_idle_rss_mib']:.0f} / "
+                 f"{results['containerd_rss_with_containers_mib']:.0f} MiB" if peer is not None else ""))
+        removals = {"berth": at_once([["sh", "-c", f"{BERTH} tasks rm -f s{i} && {BERTH} containers rm s{i}"]
+                                      for i in range(n)], env)}
+        if ctr is not None:
+            command = " ".join(ctr)
+            removals["containerd"] = at_once([
+                ["sh", "-c", f"{command} tasks rm -f s{i} && {command} containers rm s{i}"] for i in range(n)])
+        report(results, f"{n} removed at once", removals)
     finally:
-        client = Client(address)
-        for i in range(args.containers):
+        for i in range(n):
             subprocess.run([BERTH, "tasks", "rm", "-f", f"s{i}"], env=env, capture_output=True, check=False)
             subprocess.run([BERTH, "containers", "rm", f"s{i}"], env=env, capture_output=True, check=False)
-        client.close()
         stop_daemon(berthd, address)
         if peer is not None:
-            for i in range(args.containers):
-                subprocess.run(["ctr", "--address", peer[1], "tasks", "kill", "-s", "9", f"s{i}"],
-                               capture_output=True, check=False)
-            time.sleep(0.5)
-            for i in range(args.containers):
-                subprocess.run(["ctr", "--address", peer[1], "tasks", "rm", f"s{i}"], capture_output=True,
+            for i in range(n):
+                subprocess.run(["ctr", "--address", peer[1], "tasks", "rm", "-f", f"s{i}"], capture_output=True,
                                check=False)
                 subprocess.run(["ctr", "--address", peer[1], "containers", "rm", f"s{i}"], capture_output=True,
                                check=False)
@@ -150,6 +169,14 @@ def main() -> None:
     out = Path(__file__).parent / "results" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"results: {out}")
+
+
+def report(results: dict[str, object], what: str, seconds: dict[str, float]) -> None:
+    results[what] = seconds
+    line = f"{what}: berth {seconds['berth'] * 1000:.0f} ms"
+    if "containerd" in seconds:
+        line += f", containerd {seconds['containerd'] * 1000:.0f} ms -> {seconds['berth'] / seconds['containerd']:.2f}x"
+    print(line)
 
 
 if __name__ == "__main__":
