@@ -20,6 +20,8 @@ from berth.core.errdefs import Internal
 from berth.core.network import PortMapping
 
 TABLE = {"family": "ip", "table": "berth"}
+#: nft processes at a time (50 containers started at once need not fork 50 of them).
+_LIMIT = trio.CapacityLimiter(4)
 _CHAINS = (("prerouting", "nat", "prerouting", -100), ("output", "nat", "output", -100),
            ("postrouting", "nat", "postrouting", 100), ("forward", "filter", "forward", 0))
 
@@ -29,8 +31,9 @@ async def run(commands: list[dict[str, Any]]) -> dict[str, Any]:
 
     Raises: Internal with nft's message.
     """
-    result = await trio.run_process(["nft", "-j", "-f", "-"], stdin=json.dumps({"nftables": commands}).encode(),
-                                    capture_stdout=True, capture_stderr=True, check=False)
+    async with _LIMIT:
+        result = await trio.run_process(["nft", "-j", "-f", "-"], stdin=json.dumps({"nftables": commands}).encode(),
+                                        capture_stdout=True, capture_stderr=True, check=False)
     if result.returncode != 0:
         raise Internal(f"nft refused the rules: {result.stderr.decode(errors='replace').strip()}")
     return json.loads(result.stdout) if result.stdout.strip() else {}
@@ -104,8 +107,9 @@ async def forget_bridge(bridge: str) -> None:
 
 async def rules() -> list[dict[str, Any]]:
     """Every rule of the table (with ``chain``, ``handle`` and ``comment``)."""
-    result = await trio.run_process(["nft", "-j", "-a", "list", "table", "ip", "berth"], capture_stdout=True,
-                                    capture_stderr=True, check=False)
+    async with _LIMIT:
+        result = await trio.run_process(["nft", "-j", "-a", "list", "table", "ip", "berth"], capture_stdout=True,
+                                        capture_stderr=True, check=False)
     if result.returncode != 0:
         return []
     return [item["rule"] for item in json.loads(result.stdout).get("nftables", []) if "rule" in item]
