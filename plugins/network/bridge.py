@@ -203,6 +203,9 @@ class BridgeNetworks:
                 return
             await nft.ensure_table()
             await nft.isolate(network.bridge, network.subnet, network.nat)
+            if network.nat:  # outbound NAT means routing the network's traffic out of this host
+                await trio.Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+                log.info("ip_forwarding_enabled", network=network.name)
             self._ready.add(network.bridge)
 
     async def create(self, name: str, *, subnet: str = "", gateway: str = "", mtu: int = 0, nat: bool = False,
