@@ -243,6 +243,10 @@ async def test_two_containers_reach_each_other_and_the_host_reaches_a_published_
     assert "lo    inet 127.0.0.1/8" in inside
     assert "eth0    inet 10.123.1.2/24" in inside
     assert "default via 10.123.1.1 dev eth0" in in_netns(first.netns, "ip", "route").stdout
+    assert "link/ether 02:42:0a:7b:01:02" in in_netns(first.netns, "ip", "link", "show", "eth0").stdout
+    recorded = await networks.attachment("ns", "a")
+    assert recorded is not None
+    assert recorded.interfaces[0] == first.interfaces[0]
 
     with serving(first.netns, 8080, "from-a"):  # container to container
         client = await trio.to_thread.run_sync(lambda: in_netns(second.netns, "nc", a, "8080"))

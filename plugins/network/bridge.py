@@ -48,6 +48,11 @@ LOOPBACK = Interface(name="lo", mtu=65536, addresses=("127.0.0.1/8",))
 _bridge_lock = threading.Lock()
 
 
+def mac_for(address: str) -> str:
+    """The container's MAC address, made from its IPv4 address as Docker does (locally administered)."""
+    return "02:42:" + ":".join(f"{octet:02x}" for octet in ipaddress.IPv4Address(address).packed)
+
+
 def _ignore_exists(err: NetlinkError) -> None:
     if err.code != errno.EEXIST:
         raise err
@@ -100,7 +105,8 @@ def _plumb(network: NetworkRecord, path: Path, veth: str, alias: str, address: s
             bridge = _ensure_bridge(ipr, network)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                ipr.link("add", ifname=veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": fd})
+                ipr.link("add", ifname=veth, kind="veth",
+                         peer={"ifname": "eth0", "net_ns_fd": fd, "address": mac_for(address)})
             finally:
                 os.close(fd)
             host = ipr.link_lookup(ifname=veth)[0]
@@ -111,10 +117,10 @@ def _plumb(network: NetworkRecord, path: Path, veth: str, alias: str, address: s
         inner.addr("add", index=index, address=address, prefixlen=network.prefixlen)
         inner.link("set", index=index, state="up")
         inner.route("add", dst="0.0.0.0/0", gateway=network.gateway)
-        mac = inner.get_links(index)[0].get_attr("IFLA_ADDRESS")
     finally:
         inner.close()
-    return Interface(name="eth0", mac=str(mac), mtu=network.mtu, addresses=(f"{address}/{network.prefixlen}",))
+    return Interface(name="eth0", mac=mac_for(address), mtu=network.mtu,
+                     addresses=(f"{address}/{network.prefixlen}",))
 
 
 def _loopback_only(path: Path) -> None:
@@ -323,7 +329,7 @@ class BridgeNetworks:
             return None
         network = await self.store.get(record.network)
         return Attachment(network=record.network, netns=str(record.details["netns"]),
-                          interfaces=(Interface(name="eth0", mtu=network.mtu,
+                          interfaces=(Interface(name="eth0", mac=mac_for(record.address), mtu=network.mtu,
                                                 addresses=(f"{record.address}/{network.prefixlen}",)), LOOPBACK),
                           routes=(("0.0.0.0/0", network.gateway),),
                           ports=tuple(PortMapping.from_wire(p) for p in record.details.get("ports") or ()))
