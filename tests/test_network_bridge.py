@@ -361,6 +361,16 @@ async def test_errors_name_what_is_wrong(networks: BridgeNetworks) -> None:
     assert await networks.store.attachments() == []
 
 
+async def test_a_half_made_bridge_is_completed(networks: BridgeNetworks) -> None:
+    half = await networks.create(f"half{TAG}", subnet="10.123.7.0/24")
+    await trio.run_process(["ip", "link", "add", half.bridge, "type", "bridge"])  # left by a crash: no address, down
+    attachment = await networks.attach("ns", "c", NetworkRequest(mode=half.name))
+    assert (await trio.to_thread.run_sync(ping, attachment.netns, "10.123.7.1")).returncode == 0
+    await networks.detach("ns", "c")
+    await networks.remove(half.name)
+    assert half.bridge not in links()
+
+
 async def test_fifty_concurrent_attaches_and_detaches_leave_nothing_behind(networks: BridgeNetworks) -> None:
     await networks.attach("warm", "up", NetworkRequest(mode="bridge"))  # the bridge exists from here on
     await networks.detach("warm", "up")

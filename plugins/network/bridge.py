@@ -46,6 +46,7 @@ LOOPBACK = Interface(name="lo", mtu=65536, addresses=("127.0.0.1/8",))
 
 #: Bridges are made by one thread at a time (a second attach finds the first one's bridge).
 _bridge_lock = threading.Lock()
+_bridges_checked: set[str] = set()
 
 
 def mac_for(address: str) -> str:
@@ -59,25 +60,30 @@ def _ignore_exists(err: NetlinkError) -> None:
 
 
 def _ensure_bridge(ipr: IPRoute, network: NetworkRecord) -> int:
-    """The bridge's index, after making it (with the gateway address, up) if it is missing."""
+    """The bridge's index. The first time in this process (or when it is missing) the bridge is made or
+    completed: present, the gateway address on it, up, ``route_localnet`` on; a half-made one (a crash
+    between two of these steps) is finished, not refused."""
     with _bridge_lock:
         found = ipr.link_lookup(ifname=network.bridge)
+        if found and network.bridge in _bridges_checked:
+            return int(found[0])
         if not found:
             try:
                 ipr.link("add", ifname=network.bridge, kind="bridge")
             except NetlinkError as err:  # another daemon made it meanwhile
                 _ignore_exists(err)
             found = ipr.link_lookup(ifname=network.bridge)
-            index = int(found[0])
-            try:
-                ipr.addr("add", index=index, address=network.gateway, prefixlen=network.prefixlen)
-            except NetlinkError as err:
-                _ignore_exists(err)
-            ipr.link("set", index=index, mtu=network.mtu, state="up")
-            # Published ports reach the container from 127.0.0.1: such packets may leave through the bridge.
-            with open(f"/proc/sys/net/ipv4/conf/{network.bridge}/route_localnet", "w") as f:
-                f.write("1")
-        return int(found[0])
+        index = int(found[0])
+        try:
+            ipr.addr("add", index=index, address=network.gateway, prefixlen=network.prefixlen)
+        except NetlinkError as err:
+            _ignore_exists(err)
+        ipr.link("set", index=index, mtu=network.mtu, state="up")
+        # Published ports reach the container from 127.0.0.1: such packets may leave through the bridge.
+        with open(f"/proc/sys/net/ipv4/conf/{network.bridge}/route_localnet", "w") as f:
+            f.write("1")
+        _bridges_checked.add(network.bridge)
+        return index
 
 
 def _delete_link(name: str) -> bool:
