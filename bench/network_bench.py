@@ -15,6 +15,7 @@ Traffic: none (nothing is sent).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -97,10 +98,15 @@ def main() -> None:
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings only
     work = Path(tempfile.mkdtemp(prefix="berth-network-bench-"))
+    run_netns_was_there = Path("/run/netns").exists()
     try:
         results = trio.run(run, args.runs, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if not run_netns_was_there:  # `ip netns add` made /run/netns (a mount of itself): take it away again
+            subprocess.run(["umount", "/run/netns"], capture_output=True, check=False)
+            with contextlib.suppress(OSError):
+                Path("/run/netns").rmdir()
     print(f"berth attach   median {results['berth_attach_ms']:6.2f} ms  (p90 {results['berth_attach_p90_ms']:.2f} ms)"
           f"   detach {results['berth_detach_ms']:.2f} ms")
     print(f"ip commands    median {results['ip_attach_ms']:6.2f} ms")
