@@ -103,7 +103,8 @@ def main() -> None:
         results = trio.run(run, args.runs, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if not run_netns_was_there:  # `ip netns add` made /run/netns (a mount of itself): take it away again
+        if not run_netns_was_there and not any(Path("/run/netns").iterdir()):
+            # `ip netns add` made /run/netns (a mount of itself) and nobody else uses it: take it away again
             subprocess.run(["umount", "/run/netns"], capture_output=True, check=False)
             with contextlib.suppress(OSError):
                 Path("/run/netns").rmdir()
