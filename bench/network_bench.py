@@ -80,6 +80,7 @@ async def run(runs: int, work: Path) -> dict[str, object]:
     finally:
         await plugin.reconcile([])
         await nft.forget_bridge(bridge)
+        await nft.remove_table_if_unused()
         await trio.run_process(["ip", "link", "del", bridge], capture_stderr=True, check=False)
         for path in (work / "netns").glob("*/*"):
             netns.remove(path)

@@ -213,6 +213,7 @@ async def scrub(plugin: BridgeNetworks) -> None:
     for path in sorted(plugin.netns_dir.glob("*/*")):
         netns.remove(path)
     await plugin.store.db.aclose()
+    await nft.remove_table_if_unused()  # when no daemon on this host uses it either
 
 
 @pytest.fixture
@@ -522,3 +523,4 @@ async def test_a_process_killed_while_attaching_is_reconciled(tmp_path: Path) ->
         delete_link(bridge)
         for path in netns_dir.glob("*/*"):
             netns.remove(path)
+        await nft.remove_table_if_unused()

@@ -39,6 +39,7 @@ def daemon(berthd_factory: BerthdFactory, tmp_path: Path) -> Iterator[BerthdProc
             with contextlib.suppress(Exception):
                 trio.run(nft.forget_bridge, bridge)
             subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
+        trio.run(nft.remove_table_if_unused)
 
 
 def test_networks_over_rpc(daemon: BerthdProcess) -> None:

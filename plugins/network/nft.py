@@ -125,3 +125,19 @@ async def remove(owners: set[str], bridges: Iterable[str] = ()) -> None:
     for bridge in bridges:
         with contextlib.suppress(Internal):  # not in the set
             await run([{"delete": {"element": {**TABLE, "name": "bridges", "elem": [bridge]}}}])
+
+
+async def remove_table_if_unused() -> bool:
+    """Delete berth's table when it holds no rule and no bridge (nobody on this host uses it); whether it did."""
+    async with _LIMIT:
+        result = await trio.run_process(["nft", "-j", "list", "table", "ip", "berth"], capture_stdout=True,
+                                        capture_stderr=True, check=False)
+    if result.returncode != 0:
+        return False
+    items = json.loads(result.stdout).get("nftables", [])
+    if any("rule" in item or ("set" in item and item["set"].get("elem")) for item in items):
+        return False
+    with contextlib.suppress(Internal):  # someone added to it meanwhile, or removed it
+        await run([{"delete": {"table": {"family": "ip", "name": "berth"}}}])
+        return True
+    return False
