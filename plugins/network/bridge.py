@@ -16,16 +16,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib
 import ipaddress
-import os
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from berth.core.errdefs import AlreadyExists, BerthError, Internal, InvalidArgument, NotFound
 from berth.core.identifiers import validate_identifier
@@ -36,6 +34,7 @@ from berth.plugins.network.store import (
     NetworkRecord,
     NetworkStore,
     check_ports,
+    mac_for,
     parse_subnet,
 )
 
@@ -44,113 +43,26 @@ log = structlog.get_logger("berth.network")
 VETH_PREFIX = "vb"
 LOOPBACK = Interface(name="lo", mtu=65536, addresses=("127.0.0.1/8",))
 
-#: Bridges are made by one thread at a time (a second attach finds the first one's bridge).
-_bridge_lock = threading.Lock()
-_bridges_checked: set[str] = set()
+
+def _links() -> Any:
+    """:mod:`.links`, imported on first use (in a worker thread: pyroute2's import takes 100 ms)."""
+    return importlib.import_module("berth.plugins.network.links")
 
 
-def mac_for(address: str) -> str:
-    """The container's MAC address, made from its IPv4 address as Docker does (locally administered)."""
-    return "02:42:" + ":".join(f"{octet:02x}" for octet in ipaddress.IPv4Address(address).packed)
-
-
-def _ignore_exists(err: NetlinkError) -> None:
-    if err.code != errno.EEXIST:
-        raise err
-
-
-def _ensure_bridge(ipr: IPRoute, network: NetworkRecord) -> int:
-    """The bridge's index. The first time in this process (or when it is missing) the bridge is made or
-    completed: present, the gateway address on it, up, ``route_localnet`` on; a half-made one (a crash
-    between two of these steps) is finished, not refused."""
-    with _bridge_lock:
-        found = ipr.link_lookup(ifname=network.bridge)
-        if found and network.bridge in _bridges_checked:
-            return int(found[0])
-        if not found:
-            try:
-                ipr.link("add", ifname=network.bridge, kind="bridge")
-            except NetlinkError as err:  # another daemon made it meanwhile
-                _ignore_exists(err)
-            found = ipr.link_lookup(ifname=network.bridge)
-        index = int(found[0])
-        try:
-            ipr.addr("add", index=index, address=network.gateway, prefixlen=network.prefixlen)
-        except NetlinkError as err:
-            _ignore_exists(err)
-        ipr.link("set", index=index, mtu=network.mtu, state="up")
-        # Published ports reach the container from 127.0.0.1: such packets may leave through the bridge.
-        with open(f"/proc/sys/net/ipv4/conf/{network.bridge}/route_localnet", "w") as f:
-            f.write("1")
-        _bridges_checked.add(network.bridge)
-        return index
-
-
-def _delete_link(name: str) -> bool:
-    """Delete link ``name``; whether there was one."""
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        for index in found:
-            with contextlib.suppress(NetlinkError):
-                ipr.link("del", index=index)
-        return bool(found)
-
-
-def _lo_up(ipr: IPRoute) -> None:
-    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-
-
-def _plumb(network: NetworkRecord, path: Path, veth: str, alias: str, address: str) -> Interface:
-    """Make the namespace at ``path`` and a veth pair whose inner end is born in it as ``eth0``; put the
-    host end on the bridge, address and route the inner end; return ``eth0``."""
-    netns.create(path)
-    with netns.entered(str(path)):
-        inner = IPRoute()  # a netlink socket stays in the namespace it was opened in
-    try:
-        with IPRoute() as ipr:
-            bridge = _ensure_bridge(ipr, network)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                ipr.link("add", ifname=veth, kind="veth",
-                         peer={"ifname": "eth0", "net_ns_fd": fd, "address": mac_for(address)})
-            finally:
-                os.close(fd)
-            host = ipr.link_lookup(ifname=veth)[0]
-            ipr.link("set", index=host, master=bridge, mtu=network.mtu, ifalias=alias, state="up")
-        _lo_up(inner)
-        index = inner.link_lookup(ifname="eth0")[0]
-        inner.link("set", index=index, mtu=network.mtu)
-        inner.addr("add", index=index, address=address, prefixlen=network.prefixlen)
-        inner.link("set", index=index, state="up")
-        inner.route("add", dst="0.0.0.0/0", gateway=network.gateway)
-    finally:
-        inner.close()
-    return Interface(name="eth0", mac=mac_for(address), mtu=network.mtu,
-                     addresses=(f"{address}/{network.prefixlen}",))
-
-
-def _loopback_only(path: Path) -> None:
-    """A namespace at ``path`` with only ``lo``, up."""
-    netns.create(path)
-    with netns.entered(str(path)), IPRoute() as ipr:
-        _lo_up(ipr)
-
-
-def _unplumb(veth: str, path: Path) -> None:
-    _delete_link(veth)  # deleting one end of a veth pair deletes both
-    netns.remove(path)
-
+def _netlink(name: str, *args: Any) -> Callable[[], Any]:
+    """A call of ``links.<name>(*args)`` for ``trio.to_thread.run_sync``."""
+    return lambda: getattr(_links(), name)(*args)
 
 def _tagged_veths(prefix: str) -> dict[str, str]:
-    """Host veth ends whose alias starts with ``prefix``: name -> alias."""
-    with IPRoute() as ipr:
-        found = {}
-        for link in ipr.get_links():
-            alias = link.get_attr("IFLA_IFALIAS") or ""
-            name = link.get_attr("IFLA_IFNAME") or ""
-            if alias.startswith(prefix) and name.startswith(VETH_PREFIX):
-                found[name] = alias
-        return found
+    """Host veth ends whose alias starts with ``prefix``: name -> alias (read from sysfs: no netlink)."""
+    found = {}
+    for link in Path("/sys/class/net").iterdir():
+        if link.name.startswith(VETH_PREFIX):
+            with contextlib.suppress(OSError):
+                alias = (link / "ifalias").read_text().strip()
+                if alias.startswith(prefix):
+                    found[link.name] = alias
+    return found
 
 
 def _mounted_under(directory: Path) -> list[Path]:
@@ -250,7 +162,7 @@ class BridgeNetworks:
         await self.store.delete(name)
         self._ready.discard(network.bridge)
         await nft.forget_bridge(network.bridge)
-        await trio.to_thread.run_sync(_delete_link, network.bridge)
+        await trio.to_thread.run_sync(_netlink("delete_link", network.bridge))
         log.info("network_removed", name=name, bridge=network.bridge)
 
     async def inspect(self, name: str) -> NetworkInfo:
@@ -278,7 +190,7 @@ class BridgeNetworks:
             if request.ports:
                 raise InvalidArgument("published ports need a named network, not --net none")
             try:
-                await trio.to_thread.run_sync(_loopback_only, path)
+                await trio.to_thread.run_sync(_netlink("loopback_only", path))
             except FileExistsError:
                 raise AlreadyExists(f"container {container_id} has a network namespace already") from None
             except OSError as err:
@@ -294,14 +206,14 @@ class BridgeNetworks:
         record = await self.store.attach(namespace, container_id, network, {
             "veth": veth, "netns": str(path), "ports": [p.to_wire() for p in request.ports]})
         try:
-            interface = await trio.to_thread.run_sync(_plumb, network, path, veth,
-                                                      self.owner(namespace, container_id), record.address)
+            interface = await trio.to_thread.run_sync(_netlink(
+                "plumb", network, path, veth, self.owner(namespace, container_id), record.address))
             if request.ports:
                 await nft.publish(self.owner(namespace, container_id), record.address, list(request.ports))
         except BaseException as err:
             with trio.CancelScope(shield=True):
                 await self._teardown(record, rules=True)
-            if isinstance(err, (NetlinkError, OSError)):
+            if isinstance(err, OSError):
                 raise _netlink_error(container_id, network.name, err) from None
             raise
         log.info("network_attached", container_id=container_id, namespace=namespace, network=network.name,
@@ -314,7 +226,8 @@ class BridgeNetworks:
         record (its address returns to the pool last)."""
         if rules or record.details.get("ports"):
             await nft.remove({self.owner(record.namespace, record.container_id)})
-        await trio.to_thread.run_sync(_unplumb, str(record.details["veth"]), Path(record.details["netns"]))
+        await trio.to_thread.run_sync(_netlink("unplumb", str(record.details["veth"]),
+                                                       Path(record.details["netns"])))
         await self.store.detach(record.namespace, record.container_id)
 
     async def detach(self, namespace: str, container_id: str) -> None:
@@ -357,7 +270,7 @@ class BridgeNetworks:
         tag = f"berth {self.instance} "
         for name in await trio.to_thread.run_sync(_tagged_veths, tag):
             if name not in wanted_veths:
-                await trio.to_thread.run_sync(_delete_link, name)
+                await trio.to_thread.run_sync(_netlink("delete_link", name))
                 removed.append(f"veth {name}")
         owners = {self.owner(r.namespace, r.container_id) for r in live}
         stray = {str(rule["comment"]) for rule in await nft.rules()

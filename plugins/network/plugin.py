@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,10 @@ class Config:
 
 
 async def init(ic: InitContext) -> object:
-    try:
-        from berth.plugins.network.bridge import BridgeNetworks
-    except ImportError as err:  # pyroute2 is a dependency; a broken install skips networking only
-        raise SkipPlugin(f"pyroute2 cannot be imported: {err}") from None
+    if importlib.util.find_spec("pyroute2") is None:  # a dependency; a broken install skips networking only
+        raise SkipPlugin("pyroute2 is not installed")
+    from berth.plugins.network.bridge import BridgeNetworks  # pyroute2 itself is imported on first attach
+
     config: Config = ic.config
     subnet = parse_subnet(config.subnet)
     if not 0 < len(config.bridge) <= 15:

@@ -48,6 +48,11 @@ def allocate(subnet: ipaddress.IPv4Network, gateway: IPv4, taken: Iterable[IPv4]
     raise ResourceExhausted(f"no address left in {subnet}")
 
 
+def mac_for(address: str) -> str:
+    """The container's MAC address, made from its IPv4 address as Docker does (locally administered)."""
+    return "02:42:" + ":".join(f"{octet:02x}" for octet in ipaddress.IPv4Address(address).packed)
+
+
 def check_ports(ports: Iterable[PortMapping]) -> None:
     """Ports in range, a known protocol, an IPv4 host address, no host port twice.
 
