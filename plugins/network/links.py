@@ -37,6 +37,8 @@ def _oserror(function: Callable[P, T]) -> Callable[P, T]:
     return wrapper
 
 
+#: ``lo``'s index in every network namespace (the kernel's LOOPBACK_IFINDEX).
+LOOPBACK_INDEX = 1
 #: Bridges are made by one thread at a time (a second attach finds the first one's bridge).
 _bridge_lock = threading.Lock()
 _bridges_checked: set[str] = set()
@@ -86,7 +88,7 @@ def delete_link(name: str) -> bool:
 
 
 def _lo_up(ipr: IPRoute) -> None:
-    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    ipr.link("set", index=LOOPBACK_INDEX, state="up")
 
 
 @_oserror
@@ -100,16 +102,14 @@ def plumb(network: NetworkRecord, path: Path, veth: str, alias: str, address: st
         with IPRoute() as ipr:
             bridge = _ensure_bridge(ipr, network)
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                ipr.link("add", ifname=veth, kind="veth",
-                         peer={"ifname": "eth0", "net_ns_fd": fd, "address": mac_for(address)})
+            try:  # one request: the pair, the host end on the bridge and up, the inner end born in the namespace
+                ipr.link("add", ifname=veth, kind="veth", master=bridge, mtu=network.mtu, state="up",
+                         peer={"ifname": "eth0", "net_ns_fd": fd, "mtu": network.mtu, "address": mac_for(address)})
             finally:
                 os.close(fd)
-            host = ipr.link_lookup(ifname=veth)[0]
-            ipr.link("set", index=host, master=bridge, mtu=network.mtu, ifalias=alias, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname=veth)[0], ifalias=alias)  # not taken at creation
         _lo_up(inner)
         index = inner.link_lookup(ifname="eth0")[0]
-        inner.link("set", index=index, mtu=network.mtu)
         inner.addr("add", index=index, address=address, prefixlen=network.prefixlen)
         inner.link("set", index=index, state="up")
         inner.route("add", dst="0.0.0.0/0", gateway=network.gateway)
