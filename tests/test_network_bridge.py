@@ -276,6 +276,33 @@ async def test_two_containers_reach_each_other_and_the_host_reaches_a_published_
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+async def test_a_published_udp_port(networks: BridgeNetworks) -> None:
+    port = PORT_BASE + 7
+    attachment = await networks.attach("ns", "u", NetworkRequest(mode="bridge", ports=(
+        PortMapping(host_port=port, container_port=9090, protocol="udp"),)))
+    server = subprocess.Popen(  # noqa: ASYNC220 - killed below
+        ["nsenter", f"--net={attachment.netns}", sys.executable, "-c",  # busybox's nc has no UDP
+         "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 9090)); "
+         "sys.stdout.buffer.write(s.recv(100)); sys.stdout.flush()"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        for _ in range(500):
+            with contextlib.suppress(FileNotFoundError):
+                if ":2382 " in await trio.Path(f"/proc/{server.pid}/net/udp").read_text():
+                    break
+            await trio.sleep(0.01)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"datagram\n", ("127.0.0.1", port))
+        assert server.stdout is not None
+        line = await trio.to_thread.run_sync(server.stdout.readline)
+        assert line == b"datagram\n"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    await networks.detach("ns", "u")
+
+
 async def test_networks_are_isolated_from_each_other(networks: BridgeNetworks) -> None:
     other = await networks.create(f"iso{TAG}", subnet="10.123.2.0/24", mtu=1400)
     assert (other.gateway, other.mtu) == ("10.123.2.1", 1400)
