@@ -27,7 +27,7 @@ import trio
 
 from berth.core.errdefs import AlreadyExists, BerthError, Internal, InvalidArgument, NotFound
 from berth.core.identifiers import validate_identifier
-from berth.core.network import Attachment, Interface, NetworkInfo, NetworkRequest, PortMapping
+from berth.core.network import Attachment, Interface, Network, NetworkInfo, NetworkRequest, PortMapping
 from berth.plugins.network import netns, nft
 from berth.plugins.network.store import (
     AttachmentRecord,
@@ -286,3 +286,8 @@ class BridgeNetworks:
         if removed:
             log.info("network_reconciled", removed=removed)
         return removed
+
+
+def _conforms(networks: BridgeNetworks) -> Network:
+    """mypy checks here that the plugin implements the interface."""
+    return networks
