@@ -53,6 +53,7 @@ def _netlink(name: str, *args: Any) -> Callable[[], Any]:
     """A call of ``links.<name>(*args)`` for ``trio.to_thread.run_sync``."""
     return lambda: getattr(_links(), name)(*args)
 
+
 def _tagged_veths(prefix: str) -> dict[str, str]:
     """Host veth ends whose alias starts with ``prefix``: name -> alias (read from sysfs: no netlink)."""
     found = {}
@@ -226,8 +227,8 @@ class BridgeNetworks:
         record (its address returns to the pool last)."""
         if rules or record.details.get("ports"):
             await nft.remove({self.owner(record.namespace, record.container_id)})
-        await trio.to_thread.run_sync(_netlink("unplumb", str(record.details["veth"]),
-                                                       Path(record.details["netns"])))
+        veth, path = str(record.details["veth"]), Path(record.details["netns"])
+        await trio.to_thread.run_sync(_netlink("unplumb", veth, path))
         await self.store.detach(record.namespace, record.container_id)
 
     async def detach(self, namespace: str, container_id: str) -> None:
