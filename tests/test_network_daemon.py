@@ -171,3 +171,25 @@ def test_a_daemon_killed_while_attaching_is_reconciled_at_restart(net: NetDaemon
     assert second.client().call("network.inspect", {"name": "bridge"})["network"]["containers"] == []
     assert net.veths() == set()
     assert list(net.netns_dir.glob("*/*")) == []
+
+
+def test_fifty_containers_run_at_once_leave_nothing_behind(net: NetDaemon) -> None:
+    runs = [subprocess.Popen([*BERTH, "--address", str(net.process.address), "run", "--rm", "--net", "bridge",
+                              "-p", f"{PORT + 1 + i}:80", IMAGE, f"m{i}", "sh", "-c", "ip -o -4 addr show eth0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+             for i in range(50)]
+    outputs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0] * 50, [err for _, err in outputs if err][:3]
+    addresses = {out.split()[3] for out, _ in outputs}
+    assert all(a.startswith("10.123.50.") for a in addresses)
+    with net.process.client() as client:
+        assert client.call("network.inspect", {"name": "bridge"})["network"]["containers"] == []
+    assert net.veths() == set()
+    assert list(net.netns_dir.glob("*/*")) == []
+    assert str(net.netns_dir) not in Path("/proc/self/mountinfo").read_text()
+    assert not [r for r in trio.run(nft.rules) if str(r.get("comment", "")).startswith(f"berth {net.instance} ")]
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
+    assert [line.split()[:3] for line in routes.splitlines() if "10.123.50." in line or "vb" in line] == [
+        ["10.123.50.0/24", "dev", net.bridge]]  # the bridge's own route, nothing through a veth
+    addresses_left = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
+    assert [line.split()[1] for line in addresses_left.splitlines() if "10.123.50." in line] == [net.bridge]
