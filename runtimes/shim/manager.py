@@ -77,6 +77,8 @@ class ShimManager:
         self.on_gone = on_gone
         self.shims: dict[str, Shim] = {}
         self._locks: dict[str, trio.Lock] = {}
+        #: Groups whose shim is being asked to exit: a get() waits for that, then starts a new one.
+        self._stopping: set[str] = set()
         self._closing = False
 
     def socket_path(self, group: str) -> Path:
@@ -90,7 +92,7 @@ class ShimManager:
         """
         validate_identifier(group, "shim group")
         shim = self.shims.get(group)
-        if shim is not None and not shim.gone.is_set():
+        if shim is not None and not shim.gone.is_set() and group not in self._stopping:
             return shim
         async with self._locks.setdefault(group, trio.Lock()):
             shim = self.shims.get(group)
@@ -174,19 +176,23 @@ class ShimManager:
     async def shutdown(self, group: str) -> None:
         """Ask the shim of ``group`` to exit if it supervises nothing any more, and wait until it has
         (so that a later :meth:`get` starts a fresh one)."""
-        async with self._locks.setdefault(group, trio.Lock()):
-            shim = self.shims.get(group)
-            if shim is None:
-                return
-            with contextlib.suppress(BerthError):
-                answer = await shim.call("shutdown", {}, namespace="default")
-                if answer.get("stopping"):
-                    with trio.move_on_after(5):
-                        await shim.gone.wait()
-                    for _ in range(500):  # its socket path is the next shim's: let it go first
-                        if not _alive(shim.pid):
-                            break
-                        await trio.sleep(0.01)
+        self._stopping.add(group)  # from now on get() waits for the lock: never hands out a shim that exits
+        try:
+            async with self._locks.setdefault(group, trio.Lock()):
+                shim = self.shims.get(group)
+                if shim is None:
+                    return
+                with contextlib.suppress(BerthError):
+                    answer = await shim.call("shutdown", {}, namespace="default")
+                    if answer.get("stopping"):
+                        with trio.move_on_after(5):
+                            await shim.gone.wait()
+                        for _ in range(500):  # its socket path is the next shim's: let it go first
+                            if not _alive(shim.pid):
+                                break
+                            await trio.sleep(0.01)
+        finally:
+            self._stopping.discard(group)
 
     def running(self, group: str) -> bool:
         """Whether the shim recorded for ``group`` is alive."""
