@@ -88,12 +88,18 @@ def serving(path: str, port: int, reply: str) -> Iterator[None]:
         server.wait()
 
 
-def host_state(subnet_prefix: str) -> dict[str, object]:
-    """What the host has of ours: links, addresses and routes in ``subnet_prefix``."""
+def host_state(subnet_prefix: str, tag: str = "berth ") -> dict[str, object]:
+    """What the host has of ours: veths whose alias starts with ``tag``, addresses and routes in
+    ``subnet_prefix`` (never other engineers' links or rules: tests elsewhere may run meanwhile)."""
     addresses = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
     routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
-    return {"links": links(), "addresses": sorted(line.split()[3] for line in addresses.splitlines()
-                                                   if subnet_prefix in line),
+    veths = set()
+    for link in Path("/sys/class/net").iterdir():
+        with contextlib.suppress(OSError):
+            if (link / "ifalias").read_text().startswith(tag):
+                veths.add(link.name)
+    return {"veths": veths, "addresses": sorted(line.split()[3] for line in addresses.splitlines()
+                                                 if subnet_prefix in line),
             "routes": sorted(line for line in routes.splitlines() if subnet_prefix in line)}
 
 
@@ -402,8 +408,16 @@ async def test_a_half_made_bridge_is_completed(networks: BridgeNetworks) -> None
 async def test_fifty_concurrent_attaches_and_detaches_leave_nothing_behind(networks: BridgeNetworks) -> None:
     await networks.attach("warm", "up", NetworkRequest(mode="bridge"))  # the bridge exists from here on
     await networks.detach("warm", "up")
-    before = host_state("10.123.1.")
-    rules_before = len(await nft.rules())
+    tag = f"berth {networks.instance} "
+    before = host_state("10.123.1.", tag)
+    assert before["veths"] == set()
+
+    async def ours() -> list[str]:
+        return sorted(str(r.get("comment")) for r in await nft.rules()
+                      if str(r.get("comment", "")).startswith(tag)
+                      or r.get("comment") == f"berth-bridge {networks.default.bridge}")
+
+    rules_before = await ours()
     seen: set[str] = set()
 
     async def cycle(i: int) -> None:
@@ -416,8 +430,8 @@ async def test_fifty_concurrent_attaches_and_detaches_leave_nothing_behind(netwo
     async with trio.open_nursery() as nursery:
         for i in range(50):
             nursery.start_soon(cycle, i)
-    assert host_state("10.123.1.") == before  # no veth, no address, no route
-    assert len(await nft.rules()) == rules_before
+    assert host_state("10.123.1.", tag) == before  # no veth, no address, no route
+    assert await ours() == rules_before == [f"berth-bridge {networks.default.bridge}"]
     assert not list((networks.netns_dir / "leak").glob("*"))
     mounts = await trio.Path("/proc/self/mountinfo").read_text()
     assert str(networks.netns_dir) not in mounts
