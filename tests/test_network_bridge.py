@@ -59,8 +59,8 @@ def in_netns(path: str, *command: str, timeout: float = 20) -> subprocess.Comple
                           timeout=timeout, check=False)
 
 
-def ping(path: str, address: str) -> subprocess.CompletedProcess[str]:
-    return in_netns(path, "ping", "-c", "1", "-W", "2", address)
+def ping(path: str, address: str, wait: int = 2) -> subprocess.CompletedProcess[str]:
+    return in_netns(path, "ping", "-c", "1", "-W", str(wait), address)
 
 
 def address_of(attachment_interfaces: tuple[object, ...]) -> str:
@@ -318,16 +318,19 @@ async def test_networks_are_isolated_from_each_other(networks: BridgeNetworks) -
     assert address_of(there.interfaces) == "10.123.2.2"
     assert "mtu 1400" in in_netns(there.netns, "ip", "link", "show", "eth0").stdout
     assert (await networks.inspect(other.name)).containers == ("ns/there",)
-    forward = trio.Path("/proc/sys/net/ipv4/ip_forward")
-    forwarding = await forward.read_text()
-    try:
-        await forward.write_text("1")  # the host routes between its interfaces: only berth's rule keeps them apart
-        across = await trio.to_thread.run_sync(ping, here.netns, address_of(there.interfaces))
-        back = await trio.to_thread.run_sync(ping, there.netns, address_of(here.interfaces))
-    finally:
-        await forward.write_text(forwarding)
+    for bridge in (networks.default.bridge, other.bridge):
+        # the host routes between these two bridges (IPv4 forwarding is per input interface, so the
+        # host's own ip_forward is left alone): only berth's rules keep the networks apart
+        await trio.Path(f"/proc/sys/net/ipv4/conf/{bridge}/forwarding").write_text("1")
+    across = await trio.to_thread.run_sync(ping, here.netns, address_of(there.interfaces), 1)
+    back = await trio.to_thread.run_sync(ping, there.netns, address_of(here.interfaces), 1)
     assert across.returncode != 0
     assert back.returncode != 0
+    await nft.forget_bridge(networks.default.bridge)  # the control: without the rules they do reach each other
+    await nft.forget_bridge(other.bridge)
+    networks._ready.clear()
+    control = await trio.to_thread.run_sync(ping, here.netns, address_of(there.interfaces))
+    assert control.returncode == 0, control.stdout + control.stderr
     own = await trio.to_thread.run_sync(ping, there.netns, "10.123.2.1")
     assert own.returncode == 0, own.stdout
     with pytest.raises(FailedPrecondition, match="ns/there"):
