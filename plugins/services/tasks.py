@@ -531,6 +531,9 @@ class TaskService:
                    exec_id: str = "") -> None:
         if not 0 < signal < 65:
             raise InvalidArgument(f"signal {signal} is out of range (1-64)")
+        record = self._record(container_id)
+        if record.lost is not None:  # as for any finished process (the shim says NotFound then)
+            raise NotFound(f"task {container_id} has already finished (its shim is gone)")
         await self._call(container_id, "kill", {"signal": signal, "all": all_processes, "exec_id": exec_id})
 
     async def wait(self, container_id: str, exec_id: str = "") -> dict[str, Any]:
