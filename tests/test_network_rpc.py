@@ -86,3 +86,17 @@ def test_berth_network_commands(daemon: BerthdProcess) -> None:
     assert missing.returncode != 0
     assert "not found" in missing.stderr
     assert daemon.cli("network", "ls", "-q").stdout.split() == ["bridge"]
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [("subnet", "10.999.0.0/16", "10.999.0.0/16"),
+                                                     ("mtu", 70000, "mtu 70000"),
+                                                     ("bridge", "a-much-too-long-bridge", "a-much-too-long-bridge")])
+def test_a_bad_network_config_fails_the_plugin_by_name(berthd_factory: BerthdFactory, tmp_path: Path, key: str,
+                                                       value: object, named: str) -> None:
+    daemon = berthd_factory.start({"plugins": {"io.berth.network.v1.bridge": {
+        key: value, "netns_dir": str(tmp_path / "netns")}}})
+    row = next(line for line in daemon.cli("plugins", "ls").stdout.splitlines() if "io.berth.network.v1" in line)
+    assert row.split()[-1] == "error"
+    assert named in daemon.cli("plugins", "ls", "--detailed").stdout
+    with daemon.client() as client, pytest.raises(Exception, match="network"):
+        client.call("network.list", {})

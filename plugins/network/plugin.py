@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from berth.core.errdefs import InvalidArgument
+from berth.core.identifiers import validate_identifier
 from berth.core.plugin import InitContext, PluginType, Registration, Registry, SkipPlugin, hookimpl
 from berth.plugins.metadata.plugin import Metadata
 from berth.plugins.network.store import NetworkRecord, NetworkStore, parse_subnet
@@ -36,8 +37,11 @@ async def init(ic: InitContext) -> object:
 
     config: Config = ic.config
     subnet = parse_subnet(config.subnet)
-    if not 0 < len(config.bridge) <= 15:
-        raise InvalidArgument(f"bridge name {config.bridge!r} must be 1 to 15 characters")
+    if not 0 < len(config.bridge) <= 15 or "/" in config.bridge or config.bridge.strip() != config.bridge:
+        raise InvalidArgument(f"bridge name {config.bridge!r} must be 1 to 15 characters, no '/' or spaces")
+    if not 576 <= config.mtu <= 65535:
+        raise InvalidArgument(f"mtu {config.mtu} is out of range (576 to 65535)")
+    validate_identifier(config.default_network, "default_network")
     default = NetworkRecord(name=config.default_network, driver="bridge", subnet=str(subnet),
                             gateway=str(next(subnet.hosts())), bridge=config.bridge, mtu=config.mtu, nat=config.nat)
     metadata: Metadata = ic.get_single(PluginType.METADATA)
