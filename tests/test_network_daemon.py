@@ -61,7 +61,10 @@ class NetDaemon:
 
     def scrub(self) -> None:
         """Remove the containers (while the daemon runs), then whatever of ours is left on the host."""
+        bridges = {self.bridge}
         if self.process.alive():
+            with contextlib.suppress(Exception):
+                bridges |= {n["bridge"] for n in self.process.client().call("network.list", {})["networks"]}
             for container in self.process.cli("containers", "ls", "-q").stdout.split():
                 if self.process.cli("tasks", "rm", container).returncode != 0:
                     self.process.cli("tasks", "rm", "-f", container)
@@ -80,11 +83,13 @@ class NetDaemon:
         async def rules() -> None:
             await nft.remove({str(r["comment"]) for r in await nft.rules()
                               if str(r.get("comment", "")).startswith(f"berth {self.instance} ")})
-            await nft.forget_bridge(self.bridge)
+            for bridge in bridges:
+                await nft.forget_bridge(bridge)
             await nft.remove_table_if_unused()
 
         trio.run(rules)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
+        for bridge in bridges:
+            subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
 
 
 @pytest.fixture
@@ -193,3 +198,18 @@ def test_fifty_containers_run_at_once_leave_nothing_behind(net: NetDaemon) -> No
         ["10.123.50.0/24", "dev", net.bridge]]  # the bridge's own route, nothing through a veth
     addresses_left = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
     assert [line.split()[1] for line in addresses_left.splitlines() if "10.123.50." in line] == [net.bridge]
+
+
+def test_run_on_a_named_network(net: NetDaemon) -> None:
+    made = net.process.cli("network", "create", "--subnet", "10.123.51.0/24", "--mtu", "1400", "back")
+    assert made.returncode == 0, made.stderr
+    seen = net.process.cli("run", "--rm", "--net", "back", IMAGE, "c", "sh", "-c",
+                           "ip -o -4 addr show eth0; ip route; cat /sys/class/net/eth0/mtu; ping -c 1 -W 2 10.123.51.1")
+    assert seen.returncode == 0, seen.stdout + seen.stderr
+    assert "10.123.51.2/24" in seen.stdout
+    assert "default via 10.123.51.1 dev eth0" in seen.stdout
+    assert "\n1400\n" in seen.stdout
+    assert net.process.cli("network", "rm", "back").returncode == 0
+    refused = net.process.cli("run", "--rm", "--net", "back", IMAGE, "d", "true")
+    assert refused.returncode != 0
+    assert "network back not found" in refused.stderr
