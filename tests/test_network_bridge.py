@@ -267,6 +267,11 @@ async def test_two_containers_reach_each_other_and_the_host_reaches_a_published_
     with pytest.raises(AlreadyExists, match=f"127.0.0.1:{port}/tcp is published already"):
         await networks.attach("ns", "c", NetworkRequest(mode="bridge", ports=(
             PortMapping(host_port=port, container_port=80),)))
+    with socket.socket() as held:  # a port a host process has bound is not taken away from it
+        held.bind(("127.0.0.1", 0))
+        with pytest.raises(AlreadyExists, match="in use on this host"):
+            await networks.attach("ns", "c", NetworkRequest(mode="bridge", ports=(
+                PortMapping(host_port=held.getsockname()[1], container_port=80),)))
     with pytest.raises(AlreadyExists, match="attached"):
         await networks.attach("ns", "a", NetworkRequest(mode="bridge"))
     assert await networks.attachment("ns", "c") is None

@@ -18,6 +18,7 @@ import errno
 import hashlib
 import importlib
 import ipaddress
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,25 @@ def _tagged_veths(prefix: str) -> dict[str, str]:
 def _mounted_under(directory: Path) -> list[Path]:
     """Namespace files (mounted or not) at ``<directory>/<namespace>/<id>``."""
     return sorted(p for p in directory.glob("*/*") if not p.is_dir()) if directory.is_dir() else []
+
+
+def _check_free_on_host(ports: Sequence[PortMapping]) -> None:
+    """Refuse a host port that a process of this host has bound already (the DNAT would take its
+    connections away). A bind, never a packet.
+
+    Raises: AlreadyExists naming the port.
+    """
+    for port in ports:
+        kind = socket.SOCK_STREAM if port.protocol == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as probe:
+            try:
+                probe.bind((port.host_ip, port.host_port))
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise AlreadyExists(f"port {port.host_ip}:{port.host_port}/{port.protocol} is in use on this "
+                                        "host") from None
+                if err.errno != errno.EADDRNOTAVAIL:  # a host IP not (yet) on this host: DNAT still applies
+                    raise InvalidArgument(f"port {port.host_ip}:{port.host_port}/{port.protocol}: {err}") from None
 
 
 def _netlink_error(container_id: str, network: str, err: BaseException) -> BerthError:
@@ -201,6 +221,7 @@ class BridgeNetworks:
             log.info("network_attached", container_id=container_id, namespace=namespace, network="none")
             return Attachment(network="none", netns=str(path), interfaces=(LOOPBACK,))
         check_ports(request.ports)
+        _check_free_on_host(request.ports)
         network = await self.store.get(request.mode)
         await self._prepare(network)
         veth = self.veth_name(namespace, container_id)
