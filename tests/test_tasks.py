@@ -463,6 +463,40 @@ def test_lifecycle_errors(tasks: Tasks) -> None:
     assert tasks.status(cid) == "running"
 
 
+def test_concurrent_deletes_one_wins(tasks: Tasks, daemon: BerthdProcess) -> None:
+    cid = tasks.run("twice", ["sh", "-c", "exit 2"])
+    tasks.wait(cid)
+    results: list[Any] = []
+
+    def delete() -> None:
+        with daemon.client(timeout=30) as own:
+            try:
+                results.append(own.call("tasks.delete", {"container_id": cid})["exit_status"])
+            except BerthError as err:
+                results.append(type(err))
+
+    threads = [threading.Thread(target=delete) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert sorted(results, key=str) == sorted([2, NotFound, NotFound], key=str)
+    with pytest.raises(NotFound):
+        tasks.call("tasks.get", cid)
+    tasks.call("tasks.create", cid)  # the container can have a task again
+
+
+def test_a_missing_fifo_is_not_found_and_leaves_nothing(tasks: Tasks, tmp_path: Path) -> None:
+    cid = tasks.new("nofifo", ["true"])
+    with pytest.raises(NotFound):
+        tasks.call("tasks.create", cid, stdio={"stdout_fifo": str(tmp_path / "missing")})
+    with pytest.raises(NotFound):
+        tasks.call("tasks.get", cid)
+    tasks.call("tasks.create", cid)
+    tasks.call("tasks.start", cid)
+    assert tasks.wait(cid) == 0
+
+
 def test_list_and_get_report_each_status(tasks: Tasks) -> None:
     created = tasks.create("created", ["sleep", "300"])
     running = tasks.run("running", ["sleep", "300"])

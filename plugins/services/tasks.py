@@ -570,14 +570,18 @@ class TaskService:
             return await self._call(container_id, "delete", {"exec_id": exec_id})  # type: ignore[no-any-return]
         if record.lost is not None:
             result = dict(record.lost)
-            await self._cleanup_lost(record)
+            del self.records[(record.namespace, record.id)]  # now: a concurrent delete finds nothing
+            with trio.CancelScope(shield=True):
+                await self._cleanup_lost(record)
             self.exchange.publish(record.namespace, "/tasks/delete", {
                 "container_id": record.id, "id": record.id, **result})
         else:
             shim = await self._shim(record)
             result = await shim.call("delete", {"id": container_id}, namespace=record.namespace)
             await trio.to_thread.run_sync(lambda: shutil.rmtree(record.bundle, ignore_errors=True))
-        del self.records[(record.namespace, record.id)]
+            if self.records.get((record.namespace, record.id)) is not record:
+                raise NotFound(f"no task for container {container_id}: deleted meanwhile")  # concurrently
+            del self.records[(record.namespace, record.id)]
         await self._detach_network(record.namespace, record.id)
         self._release_group(record.group)
         return result

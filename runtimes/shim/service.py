@@ -465,6 +465,9 @@ class ShimService:
         task = self._task(call, args.id)
         process = task.process(args.exec_id)
         async with task.lock:
+            if self.tasks.get((task.namespace, task.id)) is not task or (
+                    process.exec_id and task.execs.get(process.exec_id) is not process):
+                raise NotFound(f"{_describe(task, process)} was deleted meanwhile")  # by a concurrent delete
             if process.status in ("running", "paused"):
                 raise FailedPrecondition(f"cannot delete {_describe(task, process)}: it is {process.status}")
             if process.exec_id:

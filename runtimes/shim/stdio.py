@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 import trio
 
-from berth.core.errdefs import FailedPrecondition, InvalidArgument
+from berth.core.errdefs import FailedPrecondition, InvalidArgument, NotFound
 
 log = structlog.get_logger("berth.shim.stdio")
 
@@ -295,7 +295,10 @@ def _write_all(fd: int, data: bytes) -> None:
 async def _open_fifo(path: str) -> int:
     """Open a FIFO read-write and non-blocking, so neither end's absence blocks the shim."""
     def opener() -> int:
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"FIFO {path} does not exist") from None
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             os.close(fd)
             raise InvalidArgument(f"{path} is not a FIFO")
