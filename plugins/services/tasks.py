@@ -194,7 +194,9 @@ class TaskService:
 
     async def load(self) -> None:
         """Find the tasks of a previous run: reconnect to their shims, in parallel, each within
-        ``shim_load_timeout``; report those whose shim is gone as stopped."""
+        ``shim_load_timeout``; report those whose shim is gone as stopped. Scratch mounts that a crash in
+        ``containers.new`` left are removed."""
+        await trio.to_thread.run_sync(self._remove_scratch_mounts)
         records = await trio.to_thread.run_sync(self._read_records)
         groups = sorted({r.group for r in records} | set(self.shims.existing_groups()))
         live: dict[str, set[tuple[str, str]]] = {}
@@ -226,6 +228,14 @@ class TaskService:
                 log.info("network_reconciled", removed=list(removed))
         log.info("tasks_loaded", tasks=len(records), shims=len(live),
                  lost=sum(1 for r in records if r.lost is not None))
+
+    def _remove_scratch_mounts(self) -> None:
+        for scratch in sorted((self.state / ".spec").glob("*")):
+            try:
+                unmount_all(scratch)
+                scratch.rmdir()
+            except OSError as err:
+                log.warning("scratch_mount_not_removed", path=str(scratch), error=str(err))
 
     def _read_records(self) -> list[TaskRecord]:
         records = []
