@@ -18,7 +18,7 @@ A snapshotter's, likewise (it collects ``test_my_snapshotter[Basic]`` ...
 
     test_my_snapshotter = snapshotter_tests(open_my_snapshotter)
 
-A runtime plugin's (``test_my_runtime[CreateStartWait]`` ... ``[Resources]``, run through a live berthd;
+A runtime plugin's (``test_my_runtime[CreateStartWait]`` ... ``[WaitMany]``, run through a live berthd;
 see :mod:`berth.conformance.runtime`)::
 
     from berth.conformance.pytest_plugin import runtime_tests

@@ -8,14 +8,15 @@ checked the same way, berth's own or a third party's. Give a factory::
 
 yielding where the daemon is, which runtime to use and an image (a busybox-like image, unpacked in the
 target's snapshotter: the cases run ``sh``, ``sleep``, ``cat``, ``echo``, ``tty``), and call
-:func:`check_runtime`, or :func:`berth.conformance.pytest_plugin.runtime_tests` for one pytest test per
-case. Each case makes its own containers (ids ``<prefix>-<case>-...``) and removes them, task and
-snapshot, even when it fails.
+:func:`check_runtime` (a fresh target per case), :func:`run_runtime_suite` (every case on one target),
+or :func:`berth.conformance.pytest_plugin.runtime_tests` for one pytest test per case. Each case makes
+its own containers (ids ``<prefix>-<case>-...``) and removes them, task and snapshot, even when it fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -25,7 +26,8 @@ from typing import Any
 from berth.client.sync import Client
 from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, NotFound
 
-__all__ = ["RUNTIME_CASES", "OpenRuntime", "RuntimeTarget", "check_runtime", "run_runtime_case"]
+__all__ = ["CASES", "RUNTIME_CASES", "OpenRuntime", "RuntimeTarget", "check_runtime", "run_runtime_case",
+           "run_runtime_suite"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,6 +263,66 @@ def case_resources(s: Session) -> None:
     expect(len(s.call("tasks.pids", cid)["processes"]) == 1, "a sleeping task has more than its init")
 
 
+def case_exec_signals(s: Session) -> None:
+    cid = s.task("execsig", ["sleep", "300"])
+    s.call("tasks.exec", cid, exec_id="pending", process={"args": ["sleep", "300"], **_ROOT_PROCESS})
+    expect_error(FailedPrecondition, "kill of an exec process not started",
+                 lambda: s.call("tasks.kill", cid, exec_id="pending", signal=9))
+    s.call("tasks.exec", cid, exec_id="sleeper", process={"args": ["sleep", "300"], **_ROOT_PROCESS})
+    exec_pid = s.call("tasks.start", cid, exec_id="sleeper")["pid"]
+    expect(exec_pid > 0 and exec_pid != s.call("tasks.get", cid)["task"]["pid"], "the exec has no pid of its own")
+    expect(s.status(cid, "sleeper") == "running", "a started exec process is not running")
+    expect_error(FailedPrecondition, "delete of a running exec process",
+                 lambda: s.call("tasks.delete", cid, exec_id="sleeper"))
+    s.call("tasks.kill", cid, exec_id="sleeper", signal=15)
+    expect(s.wait(cid, "sleeper") == 143, "SIGTERM to an exec process (not pid 1) does not give 143")
+    expect_error(NotFound, "kill of a finished exec process",
+                 lambda: s.call("tasks.kill", cid, exec_id="sleeper", signal=9))
+    expect(s.status(cid) == "running", "the init stopped when an exec process was killed")
+    expect(s.call("tasks.delete", cid, exec_id="pending")["exit_status"] == 0, "an exec never started is deletable")
+
+
+def case_process_spec(s: Session) -> None:
+    cid = s.task("spec", ["sh", "-c", "echo $GREETING; pwd; id -u; id -g"], env=["GREETING=hi there"], cwd="/tmp",
+                 user="65534:65534", start=False)
+    output = s.attach_and(cid, "", lambda side: side.call("tasks.start", {"container_id": cid}))
+    expect(output["stdout"] == b"hi there\n/tmp\n65534\n65534\n", f"the init's env/cwd/user gave {output}")
+    expect(s.wait(cid) == 0, "the process-spec task failed")
+    host = s.task("specexec", ["sleep", "300"])
+    s.call("tasks.exec", host, exec_id="who", process={
+        "args": ["sh", "-c", "echo $ONLY_HERE; pwd; id -u"], "cwd": "/etc", "user": {"uid": 1000, "gid": 1000},
+        "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "ONLY_HERE=exec"]})
+    output = s.attach_and(host, "who", lambda side: side.call("tasks.start", {"container_id": host,
+                                                                              "exec_id": "who"}))
+    expect(output["stdout"] == b"exec\n/etc\n1000\n", f"the exec's env/cwd/user gave {output}")
+
+
+def case_read_only_rootfs(s: Session) -> None:
+    script = ("touch /written 2>/dev/null && echo rootfs-writable; touch /scratch/x && echo scratch-ok; "
+              "echo end")
+    cid = s.task("readonly", ["sh", "-c", script], read_only=True, start=False, mounts=[
+        {"type": "tmpfs", "source": "tmpfs", "destination": "/scratch", "options": ["nosuid", "nodev", "size=1m"]}])
+    output = s.attach_and(cid, "", lambda side: side.call("tasks.start", {"container_id": cid}))
+    expect(output["stdout"] == b"scratch-ok\nend\n", f"a read-only rootfs with a tmpfs gave {output}")
+
+
+def case_wait_many(s: Session) -> None:
+    cid = s.task("waiters", ["sh", "-c", "sleep 0.3; exit 9"])
+    results: list[int] = []
+
+    def waiter() -> None:
+        with Client(s.target.address, namespace=s.target.namespace, timeout=s.target.timeout) as own:
+            results.append(int(own.call("tasks.wait", {"container_id": cid})["exit_status"]))
+
+    threads = [threading.Thread(target=waiter) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=s.target.timeout)
+    expect(results == [9, 9, 9], f"three waiters got {results}")
+    expect(s.wait(cid) == 9, "a wait after the exit lost the status")
+
+
 RUNTIME_CASES: dict[str, Callable[[Session], None]] = {
     "CreateStartWait": case_create_start_wait,
     "ExitCodes": case_exit_codes,
@@ -273,7 +335,14 @@ RUNTIME_CASES: dict[str, Callable[[Session], None]] = {
     "Stdio": case_stdio,
     "TTY": case_tty,
     "Resources": case_resources,
+    "ExecSignals": case_exec_signals,
+    "ProcessSpec": case_process_spec,
+    "ReadOnlyRootfs": case_read_only_rootfs,
+    "WaitMany": case_wait_many,
 }
+
+#: The cases' names, in order (the keys of :data:`RUNTIME_CASES`).
+CASES: list[str] = list(RUNTIME_CASES)
 
 
 def run_runtime_case(name: str, target: RuntimeTarget) -> None:
@@ -288,6 +357,13 @@ def run_runtime_case(name: str, target: RuntimeTarget) -> None:
         case(session)
     finally:
         session.close()
+
+
+def run_runtime_suite(target: RuntimeTarget, cases: list[str] | None = None) -> None:
+    """Run ``cases`` (default: all, in order) one after another on one ``target``; the first failure
+    stops the suite."""
+    for name in cases or CASES:
+        run_runtime_case(name, target)
 
 
 def check_runtime(open_runtime: OpenRuntime, cases: list[str] | None = None) -> None:

@@ -53,3 +53,13 @@ def open_builtin(daemon: BerthdProcess) -> Callable[[], AbstractContextManager[R
 
 test_runc = runtime_tests("open_runc")
 test_builtin = runtime_tests("open_builtin")
+
+
+def test_a_missing_runtime_binary_skips_its_cases_with_the_reason(berthd_factory: BerthdFactory) -> None:
+    """Where berth-runtime is not installed, the builtin cases are skipped saying so, never passed."""
+    daemon = berthd_factory.start({"plugins": {"io.berth.runtime.v1.builtin": {
+        "binary": "/nonexistent/berth-runtime"}}})
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        opener(daemon, "builtin")
+    assert "berth-runtime is not installed" in str(skipped.value)
+    assert opener(daemon, "runc") is not None  # runc itself is still there
