@@ -209,7 +209,12 @@ def case_state_transitions_refused(s: Session) -> None:
     expect_error(FailedPrecondition, "start of a running task", lambda: s.call("tasks.start", cid))
     expect_error(FailedPrecondition, "resume of a running task", lambda: s.call("tasks.resume", cid))
     expect_error(FailedPrecondition, "delete of a running task", lambda: s.call("tasks.delete", cid))
+    s.call("tasks.exec", cid, exec_id="z", process={"args": ["true"], **_ROOT_PROCESS})
     s.call("tasks.pause", cid)
+    expect_error(FailedPrecondition, "exec in a paused task",
+                 lambda: s.call("tasks.exec", cid, exec_id="p", process={"args": ["true"], **_ROOT_PROCESS}))
+    expect_error(FailedPrecondition, "start of an exec process in a paused task",
+                 lambda: s.call("tasks.start", cid, exec_id="z"))
     expect_error(FailedPrecondition, "delete of a paused task", lambda: s.call("tasks.delete", cid))
     expect_error(FailedPrecondition, "start of a paused task", lambda: s.call("tasks.start", cid))
     s.call("tasks.resume", cid)

@@ -369,6 +369,21 @@ def test_exec_into_a_running_task(tasks: Tasks) -> None:
     assert tasks.status(cid) == "running"
 
 
+def test_an_exec_cannot_start_in_a_paused_or_stopped_task(tasks: Tasks) -> None:
+    cid = tasks.run("execstate", ["sleep", "300"])
+    tasks.call("tasks.exec", cid, exec_id="later", process={**ROOT_PROCESS, "args": ["true"]})
+    tasks.call("tasks.pause", cid)
+    with pytest.raises(FailedPrecondition):
+        tasks.call("tasks.start", cid, exec_id="later")
+    tasks.call("tasks.resume", cid)
+    tasks.call("tasks.kill", cid, signal=9)
+    assert tasks.wait(cid) == 137
+    with pytest.raises(FailedPrecondition):
+        tasks.call("tasks.start", cid, exec_id="later")
+    assert tasks.call("tasks.get", cid, exec_id="later")["task"]["status"] == "created"
+    assert tasks.call("tasks.delete", cid)["exit_status"] == 137
+
+
 def test_exec_with_stdin(tasks: Tasks) -> None:
     cid = tasks.run("execin", ["sleep", "300"])
     tasks.call("tasks.exec", cid, exec_id="cat", process={**ROOT_PROCESS, "args": ["cat"]}, stdio={"stdin": True})

@@ -368,6 +368,9 @@ class ShimService:
         async with task.lock:
             if process.status != "created":
                 raise FailedPrecondition(f"cannot start {_describe(task, process)}: it is {process.status}")
+            if process.exec_id and task.init.status != "running":  # runc's refusal would read as Internal
+                raise FailedPrecondition(f"cannot start {_describe(task, process)}: task {task.id} is "
+                                         f"{task.init.status}")
             process.starting = True
             try:
                 if process.exec_id:
