@@ -662,3 +662,43 @@ def test_events_in_containerds_order(tasks: Tasks, daemon: BerthdProcess) -> Non
     assert (events[6]["pid"], events[6]["exit_status"]) == (pid, 137)
     order = [topic for topic, event in seen if event.get("container_id") == last]
     assert order == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+
+
+def test_an_oom_kill_is_an_event_and_137(tasks: Tasks, daemon: BerthdProcess) -> None:
+    seen: list[str] = []
+    subscribed = threading.Event()
+    cid = tasks.new("oom", ["sh", "-c", "head -c 128m /dev/zero | tail"], memory_limit=16 << 20)
+
+    def follow() -> None:
+        with daemon.client(timeout=None) as listener:
+            for envelope in listener.stream("events.subscribe", {"filters": ['topic~="^/tasks/"']}):
+                subscribed.set()
+                if envelope["event"].get("container_id") == cid:
+                    seen.append(envelope["topic"])
+                    if envelope["topic"] == "/tasks/exit":
+                        return
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    wait_for(lambda: (tasks.client.call("events.publish", {"topic": "/tasks/probe", "event": {}}),
+                      subscribed.is_set())[1], what="the subscription")
+    tasks.call("tasks.create", cid)
+    tasks.call("tasks.start", cid)
+    assert tasks.wait(cid) == 137  # the pipeline's last command, tail, was OOM-killed
+    thread.join(timeout=10)
+    assert seen == ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit"]
+
+
+def test_update_changes_the_memory_limit(tasks: Tasks) -> None:
+    cid = tasks.run("update", ["sleep", "300"], memory_limit=64 << 20)
+    tasks.call("tasks.update", cid, resources={"memory": {"limit": 96 << 20}})
+    pid = tasks.call("tasks.get", cid)["task"]["pid"]
+    cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+    v1 = [line.split(":", 2)[2] for line in cgroup.splitlines() if ":memory:" in line]
+    if v1:  # hybrid or v1 (this machine)
+        limit = Path(f"/sys/fs/cgroup/memory{v1[0]}/memory.limit_in_bytes").read_text().strip()
+    else:  # pure v2
+        unified = next(line.split(":", 2)[2] for line in cgroup.splitlines() if line.startswith("0::"))
+        limit = Path(f"/sys/fs/cgroup{unified}/memory.max").read_text().strip()
+    assert int(limit) == 96 << 20
+    assert int(tasks.call("tasks.metrics", cid)["metrics"]["memory"]["usage"]["limit"]) == 96 << 20
