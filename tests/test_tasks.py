@@ -384,6 +384,34 @@ def test_an_exec_cannot_start_in_a_paused_or_stopped_task(tasks: Tasks) -> None:
     assert tasks.call("tasks.delete", cid)["exit_status"] == 137
 
 
+def test_an_exec_that_cannot_start_ends_its_attach(tasks: Tasks) -> None:
+    cid = tasks.run("execfail", ["sleep", "300"])
+    tasks.call("tasks.exec", cid, exec_id="bad", process={**ROOT_PROCESS, "args": ["/no/such/binary"]})
+    items = tasks.client.stream("tasks.attach", {"container_id": cid, "exec_id": "bad"})
+    assert next(items) == {"attached": True}
+    with tasks.daemon.client() as side, pytest.raises(BerthError) as raised:
+        side.call("tasks.start", {"container_id": cid, "exec_id": "bad"})
+    assert "/no/such/binary" in str(raised.value)
+    assert list(items) == []  # the attach ends (it used to wait for output that never comes)
+    assert tasks.wait(cid, "bad") == 255
+    assert tasks.call("tasks.get", cid, exec_id="bad")["task"]["status"] == "stopped"
+    assert tasks.call("tasks.delete", cid, exec_id="bad")["exit_status"] == 255
+    assert tasks.status(cid) == "running"
+
+
+def test_an_exec_takes_what_it_leaves_out_from_the_container(tasks: Tasks) -> None:
+    cid = tasks.run("execdefaults", ["sleep", "300"], env=["FROM_CONTAINER=yes"], cwd="/tmp", user="nobody")
+    tasks.call("tasks.exec", cid, exec_id="bare", process={"args": ["sh", "-c", "pwd; id -u; echo $FROM_CONTAINER"]})
+    output = tasks.attached(cid, lambda side: side.call("tasks.start", {"container_id": cid, "exec_id": "bare"}),
+                            exec_id="bare")
+    assert output["stdout"] == b"/tmp\n65534\nyes\n"
+    tasks.call("tasks.exec", cid, exec_id="own", process={"args": ["sh", "-c", "pwd; id -u"], "cwd": "/",
+                                                          "user": {"uid": 0, "gid": 0}})
+    output = tasks.attached(cid, lambda side: side.call("tasks.start", {"container_id": cid, "exec_id": "own"}),
+                            exec_id="own")
+    assert output["stdout"] == b"/\n0\n"
+
+
 def test_exec_with_stdin(tasks: Tasks) -> None:
     cid = tasks.run("execin", ["sleep", "300"])
     tasks.call("tasks.exec", cid, exec_id="cat", process={**ROOT_PROCESS, "args": ["cat"]}, stdio={"stdin": True})

@@ -564,7 +564,17 @@ class TaskService:
             raise
 
     async def exec(self, container_id: str, exec_id: str, process: dict[str, Any], stdio: StdioArgs) -> None:
-        """Add an exec process (start it with :meth:`start` and its exec id). Its output is not logged."""
+        """Add an exec process (start it with :meth:`start` and its exec id). Its output is not logged.
+
+        What ``process`` leaves out (``cwd``, ``env``, ``user``, capabilities, rlimits, ...) is the
+        container's own process's, as ``ctr exec`` makes it.
+        """
+        self._record(container_id)  # NotFound before anything else
+        with contextlib.suppress(NotFound):
+            container = await self.containers.get(container_id)
+            base = container.spec.get("process") or {}
+            process = {**{k: v for k, v in base.items() if k not in ("args", "commandLine", "terminal",
+                                                                      "consoleSize")}, **process}
         await self._call(container_id, "exec", {
             "exec_id": exec_id, "process": process,
             "stdio": {"stdin": stdio.stdin, "terminal": stdio.terminal, "stdin_fifo": stdio.stdin_fifo,

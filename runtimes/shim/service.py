@@ -380,6 +380,10 @@ class ShimService:
                     process.status = "running"
             except BaseException:
                 with trio.CancelScope(shield=True):
+                    if process.exec_id and process.status == "created":  # it never ran: it is over
+                        await process.io.aclose()  # attached readers see the end, not wait forever
+                        process.status, process.exit_status, process.exited_at = "stopped", 255, time.time()
+                        process.exited.set()
                     await self._release_exit(task, process)
                 raise
             if process.exec_id:

@@ -284,6 +284,10 @@ class ProcessIO:
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None
+        for reader in list(self._readers):  # no more output: attached readers end
+            reader.close()
+        self._readers.clear()
+        self.drained.set()
 
 
 def _write_all(fd: int, data: bytes) -> None:
