@@ -173,6 +173,8 @@ def test_a_killed_shims_tasks_are_stopped_and_cleaned_up(node: Node) -> None:
         assert pid in children
         assert len(children) == 2
         waiter = node.client()
+        socket = Path((node.daemon.state / TASKS_STATE / "shims" / "default" / "address").read_text().strip())
+        assert socket.is_socket()
         os.kill(node.shim_pid(), signal.SIGKILL)
         # a wait in progress when the shim dies gets the answer the daemon settles on
         assert waiter.call("tasks.wait", {"container_id": "orphan"})["exit_status"] == 255
@@ -181,6 +183,7 @@ def test_a_killed_shims_tasks_are_stopped_and_cleaned_up(node: Node) -> None:
         assert (task["status"], task["exit_status"]) == ("stopped", 255)  # the shim recorded nothing
         for child in children:
             wait_for(lambda child=child: not alive(child), what=f"process {child} to be killed")
+        assert not socket.exists()  # the daemon removed the dead shim's socket
         done = client.call("tasks.get", {"container_id": "done"})["task"]
         assert (done["status"], done["exit_status"], done["pid"]) == ("stopped", 3, exited)  # recorded
         with pytest.raises(NotFound):

@@ -211,6 +211,8 @@ class ShimManager:
         with contextlib.suppress(ProcessLookupError):
             if _is_shim(pid):
                 os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):  # a killed shim cannot remove its socket itself
+            self.socket_path(group).unlink()
 
     def close(self) -> None:
         """The daemon is stopping: connections ending now are not shims dying."""
