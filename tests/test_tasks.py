@@ -594,6 +594,14 @@ def test_tty(tasks: Tasks) -> None:
     assert output["stderr"] == b""
 
 
+def test_the_tasks_stdio_decides_whether_it_has_a_terminal(tasks: Tasks) -> None:
+    # a container made without tty, run with a terminal, and the other way round
+    output, status = tasks.run_attached("ttylate", ["tty"], stdio={"terminal": True})
+    assert (output["stdout"], status) == (b"/dev/pts/0\r\n", 0)
+    output, status = tasks.run_attached("ttyoff", ["sh", "-c", "tty; true"], stdio={"terminal": False}, tty=True)
+    assert (output["stdout"], status) == (b"not a tty\n", 0)
+
+
 def test_tty_resize_and_input(tasks: Tasks) -> None:
     cid = tasks.create("resize", ["sh", "-c", "read line; stty size; echo got $line"],
                        stdio={"terminal": True, "stdin": True}, tty=True)

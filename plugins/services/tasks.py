@@ -442,6 +442,8 @@ class TaskService:
                     raise NotFound(f"snapshotter {container.snapshotter!r} of container {container_id} is not loaded")
                 rootfs = [m.to_wire() for m in await snapshots.mounts(container.snapshot_key)]
             spec = json.loads(json.dumps(container.spec))
+            if isinstance(spec.get("process"), dict):  # the task's stdio decides, as for an exec process
+                spec["process"]["terminal"] = stdio.terminal
             if self.hooks is not None:
                 spec = await trio.to_thread.run_sync(apply_spec_adjustments, self.hooks, spec, container)
             bundle = self.state / namespace / container_id
