@@ -184,6 +184,8 @@ def test_a_killed_shims_tasks_are_stopped_and_cleaned_up(node: Node) -> None:
         for child in children:
             wait_for(lambda child=child: not alive(child), what=f"process {child} to be killed")
         assert not socket.exists()  # the daemon removed the dead shim's socket
+        with pytest.raises(NotFound):
+            client.call("tasks.get", {"container_id": "orphan", "exec_id": "never-made"})
         done = client.call("tasks.get", {"container_id": "done"})["task"]
         assert (done["status"], done["exit_status"], done["pid"]) == ("stopped", 3, exited)  # recorded
         with pytest.raises(NotFound):

@@ -652,6 +652,8 @@ class TaskService:
             if record.lost is None:
                 raise  # a real refusal, not a shim that died meanwhile
         assert record.lost is not None
+        if exec_id:  # the shim that knew its exec processes is gone
+            raise NotFound(f"task {container_id} has no exec process {exec_id!r} (its shim is gone)")
         return {"id": record.id, "namespace": record.namespace, "runtime": record.runtime.name,
                 "status": "stopped", "exec_id": "", "execs": [], **record.lost}
 
