@@ -205,7 +205,9 @@ class Client:
                lease: str | None = None, timeout: float | None = None) -> Iterator[Any]:
         """Call a streaming method and yield its items until the daemon ends the stream.
 
-        Closing the iterator early (``break``, or garbage collection) cancels the call.
+        Closing the iterator early (``break``, or garbage collection) cancels the call. While a stream is
+        open, make other calls on another :class:`Client`: this one reads its connection for one call at a
+        time, and a stream's items that arrive during another call are not kept.
         """
         msgid = self._start(method, args, namespace, lease, timeout)
         finished = False

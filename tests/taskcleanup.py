@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 
 from berth.core.snapshots.mount import unmount_all
+from berth.runtimes.shim.manager import shim_socket_path
 
 TASKS_STATE = "io.berth.service.v1.tasks-service"
+#: The tasks service's default ``shim_socket_dir`` (the test daemons keep it).
+SHIM_SOCKET_DIR = Path("/run/berth/s")
 
 
 def _is_shim(pid: int) -> bool:
@@ -47,6 +50,9 @@ def cleanup_tasks(state: Path) -> None:
     deadline = time.monotonic() + 10
     while any(_is_shim(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
+    for directory in (state / TASKS_STATE / "shims").glob("*"):  # a SIGKILLed shim leaves its socket
+        with contextlib.suppress(OSError):
+            shim_socket_path(SHIM_SOCKET_DIR, directory).unlink()
     roots: set[tuple[str, str]] = set()
     for record in (state / TASKS_STATE).glob("*/*/task.json"):
         with contextlib.suppress(OSError, ValueError, KeyError):

@@ -82,8 +82,7 @@ class ShimManager:
         self._closing = False
 
     def socket_path(self, group: str) -> Path:
-        digest = hashlib.sha256(str(self.directory / group).encode()).hexdigest()[:24]
-        return self.socket_dir / f"{digest}.sock"
+        return shim_socket_path(self.socket_dir, self.directory / group)
 
     async def get(self, group: str) -> Shim:
         """The shim of ``group``, connecting to it or starting it first.
@@ -217,6 +216,12 @@ class ShimManager:
     def close(self) -> None:
         """The daemon is stopping: connections ending now are not shims dying."""
         self._closing = True
+
+
+def shim_socket_path(socket_dir: Path, shim_directory: Path) -> Path:
+    """The socket of the shim whose directory is ``shim_directory`` (named by a hash: socket paths are short)."""
+    digest = hashlib.sha256(str(shim_directory).encode()).hexdigest()[:24]
+    return socket_dir / f"{digest}.sock"
 
 
 def _alive(pid: int) -> bool:
