@@ -1,6 +1,5 @@
-"""berth-runtime driven by other tools, as they drive runc: containerd's own shim (``ctr run --runc-binary``,
-Debian's containerd) and podman (``podman --runtime``). Each gets a private root, state and socket in the
-test's directory, and everything they start is stopped by PID."""
+"""Real drivers of ``berth-runtime``: containerd's own shim (``ctr run --runc-binary``) and podman
+(``podman --runtime``), each with private state in a temporary directory, stopped by pid afterwards."""
 
 from __future__ import annotations
 
@@ -9,140 +8,193 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from imagebuild import busybox_image, write_oci_archive
-from test_builtin_runtime import make_rootfs
 
-from berth.runtimes.runc.plugin import find_binary
+from tests.imagebuild import busybox_image, write_oci_archive
+from tests.runtime_fixture import berth_runtime_binary
 
-BERTH_RUNTIME = find_binary("berth-runtime")
-IMAGE = "localhost/busybox:latest"
+pytestmark = pytest.mark.privileged
 
-pytestmark = pytest.mark.skipif(BERTH_RUNTIME is None or os.geteuid() != 0,
-                                reason="needs root and berth-runtime installed")
+IMAGE = "docker.io/library/berth-busybox:1"
+TIMEOUT = 60
 
 
-def processes_mentioning(text: str) -> list[int]:
+@pytest.fixture(scope="module")
+def image_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A busybox image as an OCI archive (what ``ctr images import`` and ``podman load`` read)."""
+    return write_oci_archive(tmp_path_factory.mktemp("image") / "busybox.tar", {IMAGE: busybox_image()})
+
+
+def pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains ``text`` (our private socket or state directory)."""
     found = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
             with contextlib.suppress(OSError):
                 if text.encode() in (entry / "cmdline").read_bytes():
                     found.append(int(entry.name))
     return found
 
 
-def unmount_below(path: Path) -> None:
-    for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
-        point = line.split()[4]
-        if point.startswith(str(path)):
-            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def ctr(tmp_path: Path) -> Iterator[list[str]]:
-    """A private containerd with the busybox image imported; yields the ``ctr`` command for it."""
-    if shutil.which("containerd") is None or shutil.which("ctr") is None:
-        pytest.skip("Debian's containerd is not installed")
-    home = Path(f"/tmp/bctr-{os.getpid()}")  # short: containerd's socket path and the shims' must fit
-    home.mkdir()
-    address = home / "c.sock"
-    (home / "config.toml").write_text(
-        f'version = 2\nroot = "{home}/root"\nstate = "{home}/state"\n'
-        f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\naddress = "{address}"\n')
-    daemon = subprocess.Popen(["containerd", "--config", str(home / "config.toml")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    command = ["ctr", "--address", str(address)]
-    try:
+def unmount_under(base: Path) -> list[str]:
+    """Unmount (lazily) whatever is mounted under ``base``; return the targets."""
+    with open("/proc/self/mountinfo") as mountinfo:
+        targets = [line.split()[4] for line in mountinfo]
+    left = [t for t in targets if t.startswith(str(base) + "/")]
+    for target in reversed(left):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+    return left
+
+
+def container_cgroups(container_id: str) -> list[Path]:
+    return [p for p in Path("/sys/fs/cgroup").glob(f"*/**/*{container_id}*") if p.is_dir()]
+
+
+def remove_empty_cgroups(path: Path) -> None:
+    """rmdir ``path`` and the cgroups below it, deepest first (a cgroup with processes stays)."""
+    for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            child.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+class Containerd:
+    """A private containerd: its own root, state, socket and namespace."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.address = str(base / "c.sock")
+        self.namespace = f"berth-test-{uuid.uuid4().hex[:8]}"
+        config = base / "config.toml"
+        config.write_text(f'version = 2\nroot = "{base}/root"\nstate = "{base}/state"\n'
+                          f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\naddress = "{self.address}"\n')
+        self.log = (base / "containerd.log").open("wb")
+        self.proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=self.log, stderr=self.log,
+                                     stdin=subprocess.DEVNULL)
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["ctr", "--address", self.address, "--namespace", self.namespace, *args],
+                                capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL, check=False)
+        if check and result.returncode != 0:
+            pytest.fail(f"ctr {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+        return result
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + 30
-        while subprocess.run([*command, "version"], capture_output=True).returncode != 0:
-            assert daemon.poll() is None, "containerd exited"
-            assert time.monotonic() < deadline, "containerd did not start"
-            time.sleep(0.1)
-        archive = write_oci_archive(tmp_path / "busybox.tar", {IMAGE: busybox_image()})
-        subprocess.run([*command, "images", "import", str(archive)], check=True, capture_output=True, timeout=120)
-        yield command
-    finally:
-        listed = subprocess.run([*command, "tasks", "ls", "-q"], capture_output=True, text=True, check=False)
-        for task in listed.stdout.split():
-            subprocess.run([*command, "tasks", "kill", "-s", "SIGKILL", task], capture_output=True, check=False)
-            time.sleep(0.2)
-            subprocess.run([*command, "tasks", "rm", "-f", task], capture_output=True, check=False)
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        for pid in processes_mentioning(str(address)):  # shims outlive containerd too
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        unmount_below(home)
-        shutil.rmtree(home, ignore_errors=True)
+        while self.ctr("version", check=False).returncode != 0:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                pytest.fail("the private containerd did not start")
+            time.sleep(0.05)
 
-
-def test_containerds_shim_runs_containers_with_berth_runtime(ctr: list[str]) -> None:
-    binary = ["--runc-binary", str(BERTH_RUNTIME)]
-    result = subprocess.run([*ctr, "run", "--rm", *binary, IMAGE, "once", "sh", "-c", "echo hi from ctr; exit 3"],
-                            capture_output=True, text=True, timeout=60, check=False)
-    assert (result.returncode, result.stdout) == (3, "hi from ctr\n"), result.stderr
-    started = subprocess.run([*ctr, "run", "-d", *binary, IMAGE, "server", "sleep", "300"], capture_output=True,
-                             text=True, timeout=60, check=False)
-    assert started.returncode == 0, started.stderr
-    executed = subprocess.run([*ctr, "tasks", "exec", "--exec-id", "e1", "server", "sh", "-c",
-                               "echo exec via ctr; exit 4"], capture_output=True, text=True, timeout=60, check=False)
-    assert (executed.returncode, executed.stdout) == (4, "exec via ctr\n"), executed.stderr
-    assert "RUNNING" in subprocess.run([*ctr, "tasks", "ls"], capture_output=True, text=True, check=True).stdout
-    subprocess.run([*ctr, "tasks", "kill", "-s", "SIGKILL", "server"], check=True, capture_output=True)
-    deadline = time.monotonic() + 20
-    while "STOPPED" not in subprocess.run([*ctr, "tasks", "ls"], capture_output=True, text=True).stdout:
-        assert time.monotonic() < deadline, "the task did not stop"
-        time.sleep(0.1)
-    assert subprocess.run([*ctr, "tasks", "rm", "server"], capture_output=True).returncode == 0
-    assert subprocess.run([*ctr, "containers", "rm", "server"], capture_output=True).returncode == 0
+    def stop(self) -> None:
+        """Kill the shims (found by our socket in their command line) and containerd, by pid."""
+        kill_pids([pid for pid in pids_mentioning(self.address) if pid != self.proc.pid])
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+        unmount_under(self.base)
+        shutil.rmtree(f"/run/containerd/runc/{self.namespace}", ignore_errors=True)
 
 
 @pytest.fixture
-def podman(tmp_path: Path) -> Iterator[list[str]]:
-    """podman with its own root and run root, driving berth-runtime; yields the command."""
-    if shutil.which("podman") is None:
-        pytest.skip("Debian's podman is not installed")
-    home = Path(f"/tmp/bpod-{os.getpid()}")
-    home.mkdir()
-    command = ["podman", "--root", str(home / "root"), "--runroot", str(home / "run"), "--runtime",
-               str(BERTH_RUNTIME), "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--storage-driver",
-               "vfs", "--tmpdir", str(home / "tmp")]
+def containerd(image_archive: Path) -> Iterator[Containerd]:
+    if shutil.which("containerd") is None or shutil.which("ctr") is None:
+        pytest.skip("containerd is not installed")
+    base = Path(tempfile.mkdtemp(prefix="berth-ctrd-", dir="/tmp"))  # short: the socket path has a limit
+    daemon = Containerd(base)
     try:
-        yield command
+        daemon.wait_ready()
+        daemon.ctr("images", "import", str(image_archive))
+        yield daemon
     finally:
-        subprocess.run([*command, "rm", "--all", "--force", "--time", "0"], capture_output=True, check=False,
-                       timeout=120)
-        for pid in processes_mentioning(str(home)):  # conmon and anything else left
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        unmount_below(home)
-        shutil.rmtree(home, ignore_errors=True)
+        daemon.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
-def test_podman_runs_and_execs_with_berth_runtime(podman: list[str], tmp_path: Path) -> None:
-    rootfs = tmp_path / "rootfs"
-    make_rootfs(rootfs)
-    options = ["--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
-               "--rootfs", str(rootfs)]
-    result = subprocess.run([*podman, "run", "--rm", *options, "sh", "-c", "echo hi from podman; id -u; exit 5"],
-                            capture_output=True, text=True, timeout=120, check=False)
-    assert (result.returncode, result.stdout) == (5, "hi from podman\n0\n"), result.stderr
-    started = subprocess.run([*podman, "run", "-d", *options, "sleep", "300"], capture_output=True, text=True,
-                             timeout=120, check=False)
-    assert started.returncode == 0, started.stderr
-    container = started.stdout.strip()
-    executed = subprocess.run([*podman, "exec", container, "sh", "-c", "echo exec in podman; exit 6"],
-                              capture_output=True, text=True, timeout=120, check=False)
-    assert (executed.returncode, executed.stdout) == (6, "exec in podman\n"), executed.stderr
-    removed = subprocess.run([*podman, "rm", "--force", "--time", "0", container], capture_output=True, text=True,
-                             timeout=120, check=False)
-    assert removed.returncode == 0, removed.stderr
+def test_ctr_runs_execs_kills_and_deletes_with_berth_runtime(containerd: Containerd) -> None:
+    runtime = berth_runtime_binary()
+    result = containerd.ctr("run", "--runc-binary", runtime, "--rm", IMAGE, "hello", "echo", "hi")
+    assert result.stdout == "hi\n"
+
+    containerd.ctr("run", "-d", "--runc-binary", runtime, IMAGE, "sleeper", "sleep", "60")
+    tasks = containerd.ctr("tasks", "ls").stdout
+    assert "sleeper" in tasks
+    assert "RUNNING" in tasks
+    state_root = Path(f"/run/containerd/runc/{containerd.namespace}")
+    assert (state_root / "sleeper" / "state.json").exists()  # the shim drove berth-runtime, not runc
+    exec_result = containerd.ctr("tasks", "exec", "--exec-id", "e1", "sleeper", "sh", "-c", "echo from-exec $$")
+    assert exec_result.stdout.startswith("from-exec ")
+    containerd.ctr("tasks", "kill", "--signal", "SIGKILL", "sleeper")
+    deadline = time.monotonic() + 10
+    while "STOPPED" not in containerd.ctr("tasks", "ls").stdout:
+        assert time.monotonic() < deadline, "the task did not stop"
+        time.sleep(0.05)
+    containerd.ctr("tasks", "delete", "sleeper")
+    containerd.ctr("containers", "delete", "sleeper")
+    assert containerd.ctr("containers", "ls", "-q").stdout == ""
+    assert not (state_root / "sleeper").exists()
+    assert container_cgroups("sleeper") == []
+
+
+class Podman:
+    """Debian's podman with private storage and run root, and this machine's required options."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        command = ["podman", "--root", str(self.base / "root"), "--runroot", str(self.base / "runroot"),
+                   "--runtime", berth_runtime_binary(), "--cgroup-manager", "cgroupfs", "--events-backend", "file",
+                   "--storage-driver", "vfs", *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+                                check=False)
+        if check and result.returncode != 0:
+            pytest.fail(f"podman {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+        return result
+
+
+LIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
+
+
+@pytest.fixture
+def podman(image_archive: Path) -> Iterator[Podman]:
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    client = Podman(Path(tempfile.mkdtemp(prefix="berth-podman-", dir="/tmp")))  # podman: runroot < 50 chars
+    podman_cgroups = [p for p in Path("/sys/fs/cgroup").glob("*/libpod_parent") if p.is_dir()]
+    try:
+        client("load", "-i", str(image_archive))
+        yield client
+    finally:
+        client("rm", "--all", "--force", "--time", "0", check=False)
+        kill_pids(pids_mentioning(str(client.base)))
+        unmount_under(client.base)
+        shutil.rmtree(client.base, ignore_errors=True)
+        for parent in Path("/sys/fs/cgroup").glob("*/libpod_parent"):  # podman's, when it made them for us
+            if parent not in podman_cgroups:
+                remove_empty_cgroups(parent)
+
+
+def test_podman_runs_and_execs_with_berth_runtime(podman: Podman) -> None:
+    assert podman("run", "--rm", *LIMITS, IMAGE, "echo", "hi").stdout == "hi\n"
+    container_id = podman("run", "-d", "--name", "sleeper", *LIMITS, IMAGE, "sleep", "60").stdout.strip()
+    assert podman("exec", "sleeper", "sh", "-c", "echo from-exec; id -u").stdout == "from-exec\n0\n"
+    assert podman("exec", "-t", "sleeper", "tty").stdout.strip() == "/dev/pts/0"
+    assert "Up" in podman("ps").stdout
+    podman("kill", "sleeper")
+    podman("rm", "sleeper")
+    assert podman("ps", "-a", "-q").stdout == ""
+    assert container_cgroups(container_id) == []

@@ -71,8 +71,12 @@ def _write_pid_file(path: str | None, pid: int) -> None:
 
 
 def _hook_state(container: Container, status: str, pid: int) -> dict[str, Any]:
-    return {"ociVersion": "1.0.2", "id": container.id, "status": status, "pid": pid, "bundle": container.bundle,
-            "annotations": container.record["spec"].get("annotations") or {}}
+    """The OCI state a hook reads on stdin (``pid`` only while there is a process, as runc writes it)."""
+    state = {"ociVersion": "1.0.2", "id": container.id, "status": status, "pid": pid, "bundle": container.bundle,
+             "annotations": container.record["spec"].get("annotations") or {}}
+    if pid <= 0:
+        del state["pid"]
+    return state
 
 
 def _kill_all(cgroups: Cgroups | None, pids: Iterable[int] = ()) -> None:

@@ -335,7 +335,7 @@ def _container_process(ctx: Launch, chan: _Channel) -> None:
             try:
                 from berth.runtimes.builtin.hooks import run_hooks
 
-                run_hooks("startContainer", start_hooks, _hook_state(ctx, "running", host_pid))
+                run_hooks("startContainer", start_hooks, _hook_state(ctx, "created", host_pid))
             except BerthError as exc:
                 os.write(2, f"berth-runtime: {exc.message}\n".encode())
                 os._exit(1)
