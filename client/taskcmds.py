@@ -201,15 +201,16 @@ def cmd_run(client: Client, args: argparse.Namespace) -> None:
     try:
         created = False
         stdin = not args.detach
-        client.call("tasks.create", {"container_id": args.id, "stdio": {"stdin": stdin, "terminal": args.tty}})
+        # Created and started by one runtime process; what it writes before the attach below is held for it.
+        client.call("tasks.create", {"container_id": args.id, "start": True,
+                                     "stdio": {"stdin": stdin, "terminal": args.tty, "hold": stdin}})
         created = True
         if args.detach:
-            client.call("tasks.start", {"container_id": args.id})
             sys.stdout.write(args.id + "\n")
             return
         attachment = _Attachment(client, args.id, "", tty=args.tty, stdin=stdin)
         try:
-            attachment.run(lambda side: side.call("tasks.start", {"container_id": args.id}))
+            attachment.run(lambda side: None)
         finally:
             attachment.close()
         status = _wait_exit(client, args.id)

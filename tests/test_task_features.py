@@ -265,3 +265,20 @@ def test_events_come_in_containerds_order(containers: Containers, client: Client
                      "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"]
     exits = [event for topic, event in topics if topic == "/tasks/exit" and event.get("container_id") == cid]
     assert [(e["id"], e["exit_status"]) for e in exits] == [("x", 2), (cid, 137)]
+
+
+def test_created_and_started_at_once_the_first_attach_gets_what_was_written_before_it(
+        containers: Containers, client: Client) -> None:
+    cid = containers.new("held", ["sh", "-c", "echo early; echo also >&2; sleep 0.3; echo late"])
+    client.call("tasks.create", {"container_id": cid, "start": True, "stdio": {"hold": True}})
+    assert client.call("tasks.get", {"container_id": cid})["task"]["status"] in ("running", "stopped")
+    time.sleep(0.1)  # "early" and "also" are written before anyone attaches
+    output: dict[str, bytes] = {"stdout": b"", "stderr": b""}
+    for item in client.stream("tasks.attach", {"container_id": cid}):
+        for name, data in item.items():
+            if name != "attached":
+                output[name] += data
+    assert output == {"stdout": b"early\nlate\n", "stderr": b"also\n"}
+    assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 0
+    with pytest.raises(FailedPrecondition):
+        client.call("tasks.start", {"container_id": cid})  # already started

@@ -120,6 +120,8 @@ class StdioArgs:
     stdin_fifo: str = ""
     stdout_fifo: str = ""
     stderr_fifo: str = ""
+    #: Keep the output written before the first attach for that attach (with ``start`` on create).
+    hold: bool = False
 
 
 @dataclass(kw_only=True)
@@ -421,8 +423,9 @@ class TaskService:
             return f"{namespace}.{container.id}"[:76]
         return namespace
 
-    async def create(self, container_id: str, stdio: StdioArgs) -> dict[str, Any]:
-        """Create the task of a container (its init blocked until :meth:`start`); return its pid.
+    async def create(self, container_id: str, stdio: StdioArgs, *, start: bool = False) -> dict[str, Any]:
+        """Create the task of a container (its init blocked until :meth:`start`, or started at once with
+        ``start``: one runtime process instead of two); return its pid.
 
         Raises: NotFound (container, runtime, snapshot); AlreadyExists (a task exists); the shim's and
         the runtime's errors (nothing is left behind then).
@@ -462,7 +465,8 @@ class TaskService:
                     "id": container_id, "bundle": str(bundle), "runtime": runtime.to_wire(), "rootfs": rootfs,
                     "stdio": {"stdin": stdio.stdin, "terminal": stdio.terminal, "log": log_path,
                               "stdin_fifo": stdio.stdin_fifo, "stdout_fifo": stdio.stdout_fifo,
-                              "stderr_fifo": stdio.stderr_fifo}}, namespace=namespace)
+                              "stderr_fifo": stdio.stderr_fifo, "hold": stdio.hold}, "start": start},
+                    namespace=namespace)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self._detach_network(namespace, container_id)
@@ -816,6 +820,8 @@ class NewContainerArgs:
 class CreateArgs:
     container_id: str
     stdio: StdioArgs = field(default_factory=StdioArgs)
+    #: Start the task as well (``tasks.start`` then has nothing to do).
+    start: bool = False
 
 
 @dataclass(kw_only=True)
@@ -885,7 +891,7 @@ class TasksRPC:
 
     @typed_args(CreateArgs)
     async def create(self, call: Call, args: CreateArgs) -> dict[str, Any]:
-        return await self.service.create(args.container_id, args.stdio)
+        return await self.service.create(args.container_id, args.stdio, start=args.start)
 
     @typed_args(ProcessArgs)
     async def start(self, call: Call, args: ProcessArgs) -> dict[str, Any]:

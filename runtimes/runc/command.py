@@ -148,8 +148,10 @@ class RuncCommand:
             raise classify(message or f"exit status {code}", f"{self.runtime.name} {args[0]}")
 
     async def create(self, container_id: str, bundle: Path, *, pid_file: Path, stdio: tuple[int, int, int],
-                     console_socket: Path | None = None) -> None:
-        args = ["create", "--bundle", str(bundle), "--pid-file", str(pid_file)]
+                     console_socket: Path | None = None, start: bool = False) -> None:
+        """``create``; with ``start``, ``run --detach`` (created and started by one runtime process)."""
+        args = ["run", "--detach"] if start else ["create"]
+        args += ["--bundle", str(bundle), "--pid-file", str(pid_file)]
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]
         if self.runtime.no_pivot:

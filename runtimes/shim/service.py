@@ -128,6 +128,8 @@ class CreateArgs:
     runtime: dict[str, Any]
     rootfs: list[dict[str, Any]] = field(default_factory=list)
     stdio: dict[str, Any] = field(default_factory=dict)
+    #: Start the init too (``<runtime> run --detach``: one runtime process instead of two).
+    start: bool = False
 
 
 @dataclass(kw_only=True)
@@ -283,9 +285,8 @@ class ShimService:
 
     @typed_args(CreateArgs)
     async def create(self, call: Call, args: CreateArgs) -> dict[str, Any]:
-        """Mount the rootfs into the bundle and run ``<runtime> create``; return the init's pid.
-
-        On failure nothing is left: no runtime state, mount or descriptor.
+        """Mount the rootfs into the bundle and run ``<runtime> create`` (``run --detach`` with ``start``);
+        return the init's pid. On failure nothing is left: no runtime state, mount or descriptor.
         """
         validate_identifier(args.id, "container id")
         if self.stop.is_set():
@@ -315,11 +316,13 @@ class ShimService:
                 else:
                     child = task.init.io.open_pipes()
                 pid_file = bundle / "init.pid"
+                task.init.starting = args.start  # an exit seen before the start event waits for it
                 async with trio.open_nursery() as nursery:
                     if console is not None:
                         nursery.start_soon(task.init.io.receive_console)
                     try:
-                        await runtime.create(args.id, bundle, pid_file=pid_file, stdio=child, console_socket=console)
+                        await runtime.create(args.id, bundle, pid_file=pid_file, stdio=child, console_socket=console,
+                                             start=args.start)
                     except BaseException:
                         nursery.cancel_scope.cancel()
                         raise
@@ -329,14 +332,20 @@ class ShimService:
                 self.reaper.watch(task.init.pid, lambda code: self._on_exit(task, task.init, code))
                 await task.init.io.start(self.nursery)
                 self.nursery.start_soon(self._watch_oom, task)
+                if args.start:
+                    task.init.status = "running"
         except BaseException:
             with trio.CancelScope(shield=True):
+                task.init.starting = False
                 await self._discard(task, runtime_created=created)
             raise
         log.info("task_created", container_id=args.id, namespace=call.namespace, pid=task.init.pid,
-                 runtime=runtime.runtime.name)
+                 runtime=runtime.runtime.name, started=args.start)
         self._publish(task, "/tasks/create", {"container_id": args.id, "bundle": str(bundle),
                                               "pid": task.init.pid, "io": stdio.to_wire()})
+        if args.start:
+            self._publish(task, "/tasks/start", {"container_id": args.id, "pid": task.init.pid})
+            await self._release_exit(task, task.init)
         return {"pid": task.init.pid}
 
     async def _watch_oom(self, task: Task) -> None:
@@ -575,9 +584,11 @@ class ShimService:
         """Stream ``{"attached": true}``, then ``{"stdout": bytes}`` / ``{"stderr": bytes}`` as the process
         writes them, until its output ends."""
         process = self._task(call, args.id).process(args.exec_id)
-        receive = process.io.attach()
+        held, receive = process.io.attach()
         async with receive:
             await call.send({"attached": True})
+            for name, data in held:
+                await call.send({name: data})
             async for name, data in receive:
                 await call.send({name: data})
         return {}

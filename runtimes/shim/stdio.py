@@ -31,6 +31,8 @@ _READER_BUFFER = 64
 _CHUNK = 64 * 1024
 #: How long to wait for the pty master from the runtime's ``--console-socket`` connection.
 CONSOLE_TIMEOUT = 10.0
+#: Bytes of output kept for the first reader of a ``hold`` stdio; past that the rest is only in the log.
+HOLD_LIMIT = 1 << 20
 _INT = struct.Struct("i")
 
 
@@ -46,10 +48,13 @@ class StdioConfig:
     stdin_fifo: str = ""
     stdout_fifo: str = ""
     stderr_fifo: str = ""
+    #: Keep the output written before the first reader attaches (up to ``HOLD_LIMIT`` bytes) and give it
+    #: to that reader first: a task started at once (``runc run``) loses nothing to the attach after it.
+    hold: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {"stdin": self.stdin, "terminal": self.terminal, "log": self.log, "stdin_fifo": self.stdin_fifo,
-                "stdout_fifo": self.stdout_fifo, "stderr_fifo": self.stderr_fifo}
+                "stdout_fifo": self.stdout_fifo, "stderr_fifo": self.stderr_fifo, "hold": self.hold}
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any] | None) -> StdioConfig:
@@ -60,7 +65,7 @@ class StdioConfig:
                 raise InvalidArgument(f"stdio {key} must be an absolute path, not {value!r}")
         return cls(stdin=bool(raw.get("stdin")), terminal=bool(raw.get("terminal")), log=raw.get("log", ""),
                    stdin_fifo=raw.get("stdin_fifo", ""), stdout_fifo=raw.get("stdout_fifo", ""),
-                   stderr_fifo=raw.get("stderr_fifo", ""))
+                   stderr_fifo=raw.get("stderr_fifo", ""), hold=bool(raw.get("hold")))
 
 
 class ProcessIO:
@@ -87,6 +92,9 @@ class ProcessIO:
         self._closed = False
         #: Writes to the log file that failed (a full disk): their bytes are not in the log.
         self.log_errors = 0
+        #: Output kept for the first reader (``config.hold``); ``None`` once a reader has it.
+        self._held: list[tuple[str, bytes]] | None = [] if config.hold else None
+        self._held_bytes = 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -215,6 +223,13 @@ class ProcessIO:
         if fifo is not None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await fifo.send_all(data)
+        if self._held is not None:
+            if self._held_bytes + len(data) <= HOLD_LIMIT:
+                self._held.append((name, data))
+                self._held_bytes += len(data)
+            else:
+                log.warning("held_output_dropped", limit=HOLD_LIMIT, reason="no reader attached yet")
+                self._held = None
         for reader in list(self._readers):
             try:
                 await reader.send((name, data))
@@ -227,14 +242,16 @@ class ProcessIO:
                 while data := await fifo.receive_some(_CHUNK):
                     await self.write(data)
 
-    def attach(self) -> trio.MemoryReceiveChannel[tuple[str, bytes]]:
-        """A channel of ``(stream name, bytes)`` written from now on; it closes when output ends."""
+    def attach(self) -> tuple[list[tuple[str, bytes]], trio.MemoryReceiveChannel[tuple[str, bytes]]]:
+        """The output held for the first reader (empty for later ones, or without ``hold``), and a channel of
+        ``(stream name, bytes)`` written from now on, which closes when output ends."""
+        held, self._held = self._held or [], None
         send, receive = trio.open_memory_channel[tuple[str, bytes]](_READER_BUFFER)
         if self.drained.is_set():
             send.close()
         else:
             self._readers.add(send)
-        return receive
+        return held, receive
 
     async def write(self, data: bytes) -> None:
         """Write to the process's stdin.
