@@ -105,11 +105,11 @@ class _Channel:
         return message
 
     def close(self) -> None:
+        """Close both ends; a later send raises OSError (EBADF) instead of writing to a reused number."""
         for fd in (self.rfd, self.wfd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                continue
+        self.rfd = self.wfd = -1
 
 
 def wait_child(pid: int) -> int:
@@ -228,8 +228,11 @@ def _report(chan: _Channel, exc: BaseException) -> None:
             message += f": {exc.filename}"
     else:
         code, message = "internal", f"{type(exc).__name__}: {exc}"
-    with contextlib.suppress(OSError):
+    try:
         chan.send(type="error", code=code, message=message)
+    except OSError:  # after "ready" the runtime has gone: the container's stderr is the only witness
+        with contextlib.suppress(OSError):
+            os.write(2, f"berth-runtime: {message}\n".encode())
 
 
 def _child_main(ctx: Launch, chan: _Channel) -> None:

@@ -128,7 +128,7 @@ class Container:
         """Write the record atomically (a reader sees the old or the new file, never half of one)."""
         tmp = os.path.join(self.dir, f".{STATE_FILE}.{os.getpid()}")
         with open(tmp, "w") as f:
-            json.dump(self.record, f)
+            f.write(json.dumps(self.record))  # dumps uses the C encoder; dump iterates in Python
         os.rename(tmp, os.path.join(self.dir, STATE_FILE))
 
     def alive(self) -> bool:
