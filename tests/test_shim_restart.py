@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import BerthdFactory, BerthdProcess
 from imagebuild import busybox_image, write_oci_archive
+from polling import alive, wait_for
 from taskcleanup import shim_pids
 
 from berth.client.sync import Client
@@ -22,23 +22,6 @@ IMAGE = "localhost/busybox:latest"
 CONFIG = {"plugins": {"io.berth.service.v1.tasks-service": {"shim_idle_timeout": 1.0}}}
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.05)
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 class Node:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from conftest import BerthdFactory, BerthdProcess
 from imagebuild import busybox_image, write_oci_archive
+from polling import wait_for
 
 from berth.client.sync import Client
 from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, NotFound
@@ -129,15 +130,6 @@ def tasks(daemon: BerthdProcess, client: Client, request: pytest.FixtureRequest)
     finally:
         made.remove_all()
 
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------------- output

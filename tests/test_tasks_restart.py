@@ -13,13 +13,13 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import BerthdFactory, BerthdProcess
 from imagebuild import busybox_image, write_oci_archive
+from polling import alive, wait_for
 from taskcleanup import TASKS_STATE, shim_pids
 
 from berth.client.sync import Client
@@ -35,23 +35,6 @@ pytestmark = [
 ]
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def mounted(path: Path) -> bool:
