@@ -166,7 +166,8 @@ class Podman:
         return result
 
 
-LIMITS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
+#: This machine's required limits, and no network: podman's default one is a CNI bridge on the host.
+LIMITS = ("--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")
 
 
 @pytest.fixture
@@ -175,6 +176,7 @@ def podman(image_archive: Path) -> Iterator[Podman]:
         pytest.skip("podman is not installed")
     client = Podman(Path(tempfile.mkdtemp(prefix="berth-podman-", dir="/tmp")))  # podman: runroot < 50 chars
     podman_cgroups = [p for p in Path("/sys/fs/cgroup").glob("*/libpod_parent") if p.is_dir()]
+    bridge_before = Path("/sys/class/net/cni-podman0").exists()
     try:
         client("load", "-i", str(image_archive))
         yield client
@@ -186,6 +188,8 @@ def podman(image_archive: Path) -> Iterator[Podman]:
         for parent in Path("/sys/fs/cgroup").glob("*/libpod_parent"):  # podman's, when it made them for us
             if parent not in podman_cgroups:
                 remove_empty_cgroups(parent)
+        if not bridge_before and Path("/sys/class/net/cni-podman0").exists():  # podman makes it at any run
+            subprocess.run(["ip", "link", "del", "cni-podman0"], capture_output=True, check=False)
 
 
 def test_podman_runs_and_execs_with_berth_runtime(podman: Podman) -> None:
