@@ -18,6 +18,7 @@ JSON to bench/results/. Needs root. Everything started here is stopped by PID at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -95,6 +96,9 @@ def main() -> None:
     parser.add_argument("--containers", type=int, default=20)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="berth-run-bench-"))
+    #: The namespaces' parent cgroups the runtimes leave (containerd's /default, berth's /berth/default).
+    parents = [h / name for h in Path("/sys/fs/cgroup").iterdir() for name in ("default", "berth/default", "berth")]
+    existing = {p for p in parents if p.is_dir()}
     archive = write_oci_archive(work / "busybox.tar", {IMAGE: busybox_image()})
     berthd, address = start_daemon(work / "berth")
     env = {**os.environ, "BERTH_ADDRESS": address}
@@ -165,6 +169,10 @@ def main() -> None:
             peer[0].send_signal(signal.SIGTERM)
             peer[0].wait(timeout=30)
         subprocess.run(["umount", "-R", str(work / "containerd" / "root")], capture_output=True, check=False)
+        for parent in parents:
+            if parent not in existing:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
         shutil.rmtree(work, ignore_errors=True)
     out = Path(__file__).parent / "results" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2))

@@ -69,3 +69,10 @@ def cleanup_tasks(state: Path) -> None:
     for rootfs in (state / TASKS_STATE).glob("*/*/rootfs"):
         with contextlib.suppress(OSError):
             unmount_all(rootfs)
+    # The runtimes remove a container's cgroup but not its parents (/berth/<namespace>), as with containerd's
+    # /<namespace>: remove those this daemon's namespaces made, when empty, and /berth itself.
+    namespaces = {path.name for path in (state / TASKS_STATE).glob("*") if path.name not in ("shims", ".spec")}
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        for parent in [*(hierarchy / "berth" / ns for ns in namespaces), hierarchy / "berth"]:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
