@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_builtin_runtime import make_rootfs  # the tests' busybox rootfs
+from runtime_fixture import make_rootfs  # the tests' busybox rootfs
 
 from berth.runtimes.runc.plugin import find_binary
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import tomli_w
+from imagebuild import busybox_image, write_oci_archive
 from taskcleanup import cleanup_tasks
 
 from berth.client.sync import Client
@@ -238,6 +239,20 @@ def berthd_module_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield factory
     finally:
         factory.close()
+
+
+#: The busybox image (Debian's busybox-static) that :func:`daemon` imports.
+IMAGE = "localhost/busybox:latest"
+
+
+@pytest.fixture(scope="module")
+def daemon(berthd_module_factory: BerthdFactory, tmp_path_factory: pytest.TempPathFactory) -> BerthdProcess:
+    """A berthd for the module with :data:`IMAGE` imported and unpacked (a module may define its own)."""
+    process = berthd_module_factory.start()
+    archive = write_oci_archive(tmp_path_factory.mktemp("image") / "busybox.tar", {IMAGE: busybox_image()})
+    imported = process.cli("images", "import", str(archive))
+    assert imported.returncode == 0, imported.stderr
+    return process
 
 
 @pytest.fixture

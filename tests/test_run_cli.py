@@ -12,23 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BERTH, BerthdFactory, BerthdProcess, clean_env
-from imagebuild import busybox_image, write_oci_archive
+from conftest import BERTH, IMAGE, BerthdProcess, clean_env
 
 from berth.client.taskcmds import parse_signal
 from berth.core.errdefs import InvalidArgument
 from berth.plugins.services.tasks import parse_port
-
-IMAGE = "localhost/busybox:latest"
-
-
-@pytest.fixture(scope="module")
-def daemon(berthd_module_factory: BerthdFactory, tmp_path_factory: pytest.TempPathFactory) -> BerthdProcess:
-    process = berthd_module_factory.start()
-    archive = write_oci_archive(tmp_path_factory.mktemp("image") / "busybox.tar", {IMAGE: busybox_image()})
-    result = process.cli("images", "import", str(archive))
-    assert result.returncode == 0, result.stderr
-    return process
 
 
 @pytest.fixture

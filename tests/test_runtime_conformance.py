@@ -8,21 +8,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
 import pytest
-from conftest import BerthdFactory, BerthdProcess
-from imagebuild import busybox_image, write_oci_archive
+from conftest import IMAGE, BerthdFactory, BerthdProcess
 
 from berth.conformance.pytest_plugin import runtime_tests
 from berth.conformance.runtime import RuntimeTarget
-
-IMAGE = "localhost/busybox:latest"
-
-
-@pytest.fixture(scope="module")
-def daemon(berthd_module_factory: BerthdFactory, tmp_path_factory: pytest.TempPathFactory) -> BerthdProcess:
-    process = berthd_module_factory.start()
-    archive = write_oci_archive(tmp_path_factory.mktemp("image") / "busybox.tar", {IMAGE: busybox_image()})
-    assert process.cli("images", "import", str(archive)).returncode == 0
-    return process
 
 
 def opener(daemon: BerthdProcess, runtime: str) -> Callable[[], AbstractContextManager[RuntimeTarget]]:

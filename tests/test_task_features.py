@@ -13,21 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BerthdFactory, BerthdProcess
-from imagebuild import busybox_image, write_oci_archive
+from conftest import IMAGE, BerthdProcess
 
 from berth.client.sync import Client
 from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, NotFound
-
-IMAGE = "localhost/busybox:latest"
-
-
-@pytest.fixture(scope="module")
-def daemon(berthd_module_factory: BerthdFactory, tmp_path_factory: pytest.TempPathFactory) -> BerthdProcess:
-    process = berthd_module_factory.start()
-    archive = write_oci_archive(tmp_path_factory.mktemp("image") / "busybox.tar", {IMAGE: busybox_image()})
-    assert process.cli("images", "import", str(archive)).returncode == 0
-    return process
 
 
 @pytest.fixture

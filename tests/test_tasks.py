@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BerthdFactory, BerthdProcess
-from imagebuild import busybox_image, write_oci_archive
+from conftest import IMAGE, BerthdProcess
 from polling import wait_for
 
 from berth.client.sync import Client
 from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, NotFound
 
-IMAGE = "localhost/busybox:latest"
 ROOT_PROCESS = {"cwd": "/", "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "user": {"uid": 0, "gid": 0}}
 
 pytestmark = [
@@ -34,14 +32,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="real containers need root"),
 ]
 
-
-@pytest.fixture(scope="module")
-def daemon(berthd_module_factory: BerthdFactory, tmp_path_factory: pytest.TempPathFactory) -> BerthdProcess:
-    process = berthd_module_factory.start()
-    archive = write_oci_archive(tmp_path_factory.mktemp("image") / "busybox.tar", {IMAGE: busybox_image()})
-    imported = process.cli("images", "import", str(archive))
-    assert imported.returncode == 0, imported.stderr
-    return process
 
 
 @pytest.fixture

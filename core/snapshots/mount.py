@@ -19,41 +19,22 @@ from pathlib import Path
 import trio
 
 from berth.core.errdefs import InvalidArgument
+from berth.core.linux import (
+    MNT_DETACH,
+    MOUNT_FLAGS,
+    MOUNT_PROPAGATION,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REMOUNT,
+    UMOUNT_NOFOLLOW,
+)
 from berth.core.snapshots.snapshotter import Mount
 
 __all__ = ["MountError", "is_mountpoint", "mount", "mount_all", "parse_options", "unmount", "unmount_all"]
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_SYNCHRONOUS = 0x10
-MS_REMOUNT = 0x20
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MS_SHARED = 1 << 20
-MS_RELATIME = 1 << 21
-MNT_DETACH = 0x2
-UMOUNT_NOFOLLOW = 0x8
-
-_FLAGS: dict[str, tuple[bool, int]] = {
-    "ro": (False, MS_RDONLY), "rw": (True, MS_RDONLY),
-    "nosuid": (False, MS_NOSUID), "suid": (True, MS_NOSUID),
-    "nodev": (False, MS_NODEV), "dev": (True, MS_NODEV),
-    "noexec": (False, MS_NOEXEC), "exec": (True, MS_NOEXEC),
-    "sync": (False, MS_SYNCHRONOUS), "async": (True, MS_SYNCHRONOUS),
-    "remount": (False, MS_REMOUNT),
-    "noatime": (False, MS_NOATIME), "atime": (True, MS_NOATIME),
-    "nodiratime": (False, MS_NODIRATIME), "diratime": (True, MS_NODIRATIME),
-    "relatime": (False, MS_RELATIME), "norelatime": (True, MS_RELATIME),
-    "bind": (False, MS_BIND), "rbind": (False, MS_BIND | MS_REC),
-}
-_PROPAGATION = {"private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC, "slave": MS_SLAVE,
-                "rslave": MS_SLAVE | MS_REC, "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC}
 _PAGE_LIMIT = os.sysconf("SC_PAGESIZE") - 512
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -70,11 +51,11 @@ def parse_options(options: Sequence[str]) -> tuple[int, int, str]:
     flags = propagation = 0
     data = []
     for option in options:
-        if option in _FLAGS:
-            clear, flag = _FLAGS[option]
+        if option in MOUNT_FLAGS:
+            clear, flag = MOUNT_FLAGS[option]
             flags = flags & ~flag if clear else flags | flag
-        elif option in _PROPAGATION:
-            propagation |= _PROPAGATION[option]
+        elif option in MOUNT_PROPAGATION:
+            propagation |= MOUNT_PROPAGATION[option]
         else:
             data.append(option)
     return flags, propagation, ",".join(data)

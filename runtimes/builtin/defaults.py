@@ -11,6 +11,7 @@ import json
 import os
 
 from berth.core.errdefs import AlreadyExists
+from berth.core.linux import DEFAULT_MOUNTS, MASKED_PATHS, READONLY_PATHS
 from berth.runtimes.builtin.state import OCI_VERSION
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every runtime call ~5 ms
@@ -24,27 +25,15 @@ _CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
 
 def default_spec(rootless: bool = False) -> dict[str, Any]:
     """The default spec (see the module docstring)."""
-    mounts: list[dict[str, Any]] = [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]
-         + ([] if rootless else ["gid=5"])},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-    ]
+    mounts = json.loads(json.dumps(DEFAULT_MOUNTS))  # a deep copy
+    if rootless:  # no group 5 to own the ptys in a user namespace of one id
+        next(m for m in mounts if m["type"] == "devpts")["options"].remove("gid=5")
     namespaces = [{"type": kind} for kind in ("pid", "network", "ipc", "uts", "mount")]
     linux: dict[str, Any] = {
         "resources": {"devices": [{"allow": False, "access": "rwm"}]},
         "namespaces": namespaces,
-        "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                        "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
-        "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        "maskedPaths": list(MASKED_PATHS),
+        "readonlyPaths": list(READONLY_PATHS),
     }
     if rootless:
         namespaces.append({"type": "user"})

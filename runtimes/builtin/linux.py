@@ -10,6 +10,49 @@ from __future__ import annotations
 import ctypes
 import os
 
+from berth.core.linux import (  # mount(2) flags, shared with the snapshot mounts
+    MNT_DETACH as MNT_DETACH,
+)
+from berth.core.linux import (
+    MS_BIND as MS_BIND,
+)
+from berth.core.linux import (
+    MS_MOVE as MS_MOVE,
+)
+from berth.core.linux import (
+    MS_NOATIME as MS_NOATIME,
+)
+from berth.core.linux import (
+    MS_NODEV as MS_NODEV,
+)
+from berth.core.linux import (
+    MS_NODIRATIME as MS_NODIRATIME,
+)
+from berth.core.linux import (
+    MS_NOEXEC as MS_NOEXEC,
+)
+from berth.core.linux import (
+    MS_NOSUID as MS_NOSUID,
+)
+from berth.core.linux import (
+    MS_PRIVATE as MS_PRIVATE,
+)
+from berth.core.linux import (
+    MS_RDONLY as MS_RDONLY,
+)
+from berth.core.linux import (
+    MS_REC as MS_REC,
+)
+from berth.core.linux import (
+    MS_RELATIME as MS_RELATIME,
+)
+from berth.core.linux import (
+    MS_REMOUNT as MS_REMOUNT,
+)
+from berth.core.linux import (
+    MS_SLAVE as MS_SLAVE,
+)
+
 # clone/unshare/setns namespace flags.
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -20,30 +63,6 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWTIME = 0x00000080
 
-# mount(2) flags.
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_SYNCHRONOUS = 0x10
-MS_REMOUNT = 0x20
-MS_MANDLOCK = 0x40
-MS_DIRSYNC = 0x80
-MS_NOSYMFOLLOW = 0x100
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
-MS_BIND = 0x1000
-MS_MOVE = 0x2000
-MS_REC = 0x4000
-MS_SILENT = 0x8000
-MS_UNBINDABLE = 0x20000
-MS_PRIVATE = 0x40000
-MS_SLAVE = 0x80000
-MS_SHARED = 0x100000
-MS_RELATIME = 0x200000
-MS_STRICTATIME = 0x1000000
-MS_LAZYTIME = 0x2000000
-MNT_DETACH = 0x2
 
 # statvfs f_flag bits (ST_*), which a bind remount must keep when they are locked.
 ST_RDONLY = 0x1

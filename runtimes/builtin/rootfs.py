@@ -18,6 +18,7 @@ import os
 import stat
 
 from berth.core.errdefs import InvalidArgument
+from berth.core.linux import MOUNT_FLAGS, MOUNT_PROPAGATION
 from berth.runtimes.builtin import linux
 from berth.runtimes.builtin.cgroups import Cgroups, hierarchies
 
@@ -33,26 +34,6 @@ DEFAULT_DEVICES = (("/dev/null", "c", 1, 3), ("/dev/zero", "c", 1, 5), ("/dev/fu
 _DEV_SYMLINKS = (("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"), ("/proc/self/fd/1", "/dev/stdout"),
                  ("/proc/self/fd/2", "/dev/stderr"))
 
-# option -> (clears the flag?, flag)
-_FLAGS: dict[str, tuple[bool, int]] = {
-    "defaults": (False, 0), "ro": (False, linux.MS_RDONLY), "rw": (True, linux.MS_RDONLY),
-    "suid": (True, linux.MS_NOSUID), "nosuid": (False, linux.MS_NOSUID), "dev": (True, linux.MS_NODEV),
-    "nodev": (False, linux.MS_NODEV), "exec": (True, linux.MS_NOEXEC), "noexec": (False, linux.MS_NOEXEC),
-    "sync": (False, linux.MS_SYNCHRONOUS), "async": (True, linux.MS_SYNCHRONOUS), "dirsync": (False, linux.MS_DIRSYNC),
-    "remount": (False, linux.MS_REMOUNT), "mand": (False, linux.MS_MANDLOCK), "nomand": (True, linux.MS_MANDLOCK),
-    "atime": (True, linux.MS_NOATIME), "noatime": (False, linux.MS_NOATIME), "diratime": (True, linux.MS_NODIRATIME),
-    "nodiratime": (False, linux.MS_NODIRATIME), "bind": (False, linux.MS_BIND),
-    "rbind": (False, linux.MS_BIND | linux.MS_REC), "relatime": (False, linux.MS_RELATIME),
-    "norelatime": (True, linux.MS_RELATIME), "strictatime": (False, linux.MS_STRICTATIME),
-    "nostrictatime": (True, linux.MS_STRICTATIME), "lazytime": (False, linux.MS_LAZYTIME),
-    "nolazytime": (True, linux.MS_LAZYTIME), "nosymfollow": (False, linux.MS_NOSYMFOLLOW),
-    "symfollow": (True, linux.MS_NOSYMFOLLOW),
-}
-_PROPAGATION = {
-    "private": linux.MS_PRIVATE, "rprivate": linux.MS_PRIVATE | linux.MS_REC, "shared": linux.MS_SHARED,
-    "rshared": linux.MS_SHARED | linux.MS_REC, "slave": linux.MS_SLAVE, "rslave": linux.MS_SLAVE | linux.MS_REC,
-    "unbindable": linux.MS_UNBINDABLE, "runbindable": linux.MS_UNBINDABLE | linux.MS_REC,
-}
 # Options that change how the runtime mounts, not the mount itself.
 _EXTENSIONS = frozenset(("tmpcopyup",))
 _UNSUPPORTED = frozenset(("idmap", "ridmap"))
@@ -79,11 +60,11 @@ def parse_options(options: list[str]) -> MountOptions:
     the runtime's own extensions (``tmpcopyup``)."""
     flags, propagation, data, extensions = 0, [], [], set()
     for option in options:
-        if option in _FLAGS:
-            clear, flag = _FLAGS[option]
+        if option in MOUNT_FLAGS:
+            clear, flag = MOUNT_FLAGS[option]
             flags = flags & ~flag if clear else flags | flag
-        elif option in _PROPAGATION:
-            propagation.append(_PROPAGATION[option])
+        elif option in MOUNT_PROPAGATION:
+            propagation.append(MOUNT_PROPAGATION[option])
         elif option in _EXTENSIONS:
             extensions.add(option)
         elif option in _UNSUPPORTED:
@@ -177,9 +158,9 @@ class Mounter:
         """Propagation, the rootfs bind, the spec's mounts, then /dev."""
         linux_spec = self.spec.get("linux") or {}
         propagation = linux_spec.get("rootfsPropagation") or "rslave"
-        if propagation not in _PROPAGATION:
+        if propagation not in MOUNT_PROPAGATION:
             raise InvalidArgument(f"linux.rootfsPropagation {propagation!r} is not a propagation type")
-        linux.mount(None, "/", None, _PROPAGATION[propagation] | linux.MS_REC)
+        linux.mount(None, "/", None, MOUNT_PROPAGATION[propagation] | linux.MS_REC)
         self._make_parent_private()
         linux.mount(self.rootfs, self.rootfs, None, linux.MS_BIND | linux.MS_REC)
         bind_dev = False

@@ -16,8 +16,8 @@ from __future__ import annotations
 import errno
 import os
 
-from berth.core.capabilities import ALL_CAPABILITIES
 from berth.core.errdefs import InvalidArgument
+from berth.core.linux import ALL_CAPABILITIES
 from berth.runtimes.builtin import linux
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every runtime call ~5 ms

@@ -22,9 +22,9 @@ from typing import Any
 
 import trio
 
-from berth.core.capabilities import ALL_CAPABILITIES
 from berth.core.errdefs import InvalidArgument
 from berth.core.identifiers import validate_identifier
+from berth.core.linux import ALL_CAPABILITIES, DEFAULT_MOUNTS, MASKED_PATHS, READONLY_PATHS
 from berth.runtimes.oci.seccomp import default_seccomp_profile
 from berth.runtimes.oci.user import resolve_user
 
@@ -54,25 +54,6 @@ DEFAULT_CAPABILITIES = (
 
 _NAMESPACES = ("pid", "ipc", "uts", "mount", "network")
 
-_DEFAULT_MOUNTS: tuple[dict[str, Any], ...] = (
-    {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-    {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-     "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-    {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-     "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-    {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-     "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-    {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-    {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-    {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-     "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-)
-
-_MASKED_PATHS = (
-    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-    "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/sys/devices/virtual/powercap", "/proc/scsi",
-)
-_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 #: (path, type, major, minor) of the device nodes every container gets.
 _DEVICES = (("/dev/null", "c", 1, 3), ("/dev/zero", "c", 1, 5), ("/dev/full", "c", 1, 7),
@@ -305,7 +286,7 @@ def _resources(options: SpecOptions) -> dict[str, Any]:
 
 
 def _mounts(options: SpecOptions, etc_mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    mounts = [copy.deepcopy(m) for m in _DEFAULT_MOUNTS]
+    mounts: list[dict[str, Any]] = [copy.deepcopy(dict(m)) for m in DEFAULT_MOUNTS]
     if options.privileged:
         for mount in mounts:
             if mount["type"] in ("sysfs", "cgroup"):
@@ -391,8 +372,8 @@ def build_spec(container_id: str, image_config: Mapping[str, Any], options: Spec
         "devices": devices,
         "resources": _resources(options),
         "cgroupsPath": cgroups_path,
-        "maskedPaths": [] if options.privileged else list(_MASKED_PATHS),
-        "readonlyPaths": [] if options.privileged else list(_READONLY_PATHS),
+        "maskedPaths": [] if options.privileged else list(MASKED_PATHS),
+        "readonlyPaths": [] if options.privileged else list(READONLY_PATHS),
     }
     if options.seccomp and not options.privileged:
         linux["seccomp"] = default_seccomp_profile(caps)

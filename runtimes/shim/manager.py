@@ -121,11 +121,10 @@ class ShimManager:
         Raises: Unavailable when there is none or it does not answer.
         """
         directory = self.directory / group
-        try:
-            address = (directory / "address").read_text().strip()
-            pid = int((directory / "shim.pid").read_text().strip())
-        except (OSError, ValueError):
-            raise Unavailable(f"shim {group} is not running (no address in {directory})") from None
+        recorded = await trio.to_thread.run_sync(_recorded, directory)
+        if recorded is None:
+            raise Unavailable(f"shim {group} is not running (no address in {directory})")
+        address, pid = recorded
         shim: Shim = await self.nursery.start(self._hold, group, directory, address, pid)
         self.shims[group] = shim
         return shim
@@ -193,29 +192,37 @@ class ShimManager:
         finally:
             self._stopping.discard(group)
 
-    def running(self, group: str) -> bool:
+    async def running(self, group: str) -> bool:
         """Whether the shim recorded for ``group`` is alive."""
-        try:
-            pid = int((self.directory / group / "shim.pid").read_text().strip())
-        except (OSError, ValueError):
-            return False
-        return _alive(pid) and _is_shim(pid)
+        def check() -> bool:
+            recorded = _recorded(self.directory / group)
+            return recorded is not None and _alive(recorded[1]) and _is_shim(recorded[1])
+        return await trio.to_thread.run_sync(check)
 
-    def kill(self, group: str) -> None:
-        """SIGKILL the shim of ``group`` by its recorded pid (it does not answer)."""
-        try:
-            pid = int((self.directory / group / "shim.pid").read_text().strip())
-        except (OSError, ValueError):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            if _is_shim(pid):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):  # a killed shim cannot remove its socket itself
-            self.socket_path(group).unlink()
+    async def kill(self, group: str) -> None:
+        """SIGKILL the shim of ``group`` by its recorded pid (it does not answer), and remove its socket."""
+        def kill() -> None:
+            recorded = _recorded(self.directory / group)
+            if recorded is None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                if _is_shim(recorded[1]):
+                    os.kill(recorded[1], signal.SIGKILL)
+            with contextlib.suppress(OSError):  # a killed shim cannot remove its socket itself
+                self.socket_path(group).unlink()
+        await trio.to_thread.run_sync(kill)
 
     def close(self) -> None:
         """The daemon is stopping: connections ending now are not shims dying."""
         self._closing = True
+
+
+def _recorded(directory: Path) -> tuple[str, int] | None:
+    """The ``(address, pid)`` a shim recorded in its directory, if it did."""
+    try:
+        return (directory / "address").read_text().strip(), int((directory / "shim.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def shim_socket_path(socket_dir: Path, shim_directory: Path) -> Path:

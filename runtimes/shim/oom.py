@@ -39,12 +39,17 @@ def memory_cgroup(pid: int) -> tuple[Path, int] | None:
     return None
 
 
-def _oom_kills(directory: Path, name: str = "memory.events") -> int:
-    """The ``oom_kill`` counter of ``memory.events`` (v2) or ``memory.oom_control`` (v1)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in (directory / name).read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
+def _oom_kills(directory: Path, name: str = "memory.events") -> int | None:
+    """The ``oom_kill`` counter of ``memory.events`` (v2) or ``memory.oom_control`` (v1); ``None`` once the
+    cgroup is gone."""
+    try:
+        text = (directory / name).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            with contextlib.suppress(ValueError):
                 return int(value)
     return 0
 
@@ -57,31 +62,35 @@ async def watch_oom(pid: int, on_oom: Callable[[], None]) -> None:
         return
     directory, version = found
     if version == 2:
-        seen = await trio.to_thread.run_sync(_oom_kills, directory)
-        while directory.exists():
+        first = await trio.to_thread.run_sync(_oom_kills, directory)
+        seen = first or 0
+        while True:
             await trio.sleep(V2_POLL_INTERVAL)
             count = await trio.to_thread.run_sync(_oom_kills, directory)
+            if count is None:
+                return
             if count > seen:
                 seen = count
                 on_oom()
-        return
     try:
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     except OSError:
         return
     try:
         await trio.to_thread.run_sync(_register_v1, directory, efd)
-        seen = await trio.to_thread.run_sync(_oom_kills, directory, "memory.oom_control")
+        first = await trio.to_thread.run_sync(_oom_kills, directory, "memory.oom_control")
+        seen = first or 0
         while True:
             await trio.lowlevel.wait_readable(efd)
             try:
                 os.eventfd_read(efd)
             except BlockingIOError:
                 continue
-            if not directory.exists():  # the cgroup's removal is signalled on the eventfd too
-                return
             # One OOM can wake the eventfd several times; the kill counter says how many processes died.
+            # The cgroup's removal wakes it too: then the counter is gone.
             count = await trio.to_thread.run_sync(_oom_kills, directory, "memory.oom_control")
+            if count is None:
+                return
             if count > seen:
                 seen = count
                 on_oom()

@@ -96,6 +96,11 @@ class Task:
                 "execs": [p.to_wire() for p in self.execs.values()]}
 
 
+def _mount_rootfs(mounts: list[Mount], target: Path) -> None:
+    target.mkdir(exist_ok=True)
+    mount_all(mounts, target)
+
+
 def write_exit_record(bundle: Path, exit_status: int, exited_at: float) -> None:
     """Write ``<bundle>/exit.json`` durably (temporary file, fsync, rename)."""
     path = bundle / "exit.json"
@@ -295,7 +300,7 @@ class ShimService:
         if key in self.tasks:
             raise AlreadyExists(f"task {args.id} already exists in namespace {call.namespace}")
         bundle = Path(args.bundle)
-        if not bundle.is_absolute() or not (bundle / "config.json").is_file():
+        if not bundle.is_absolute() or not await trio.to_thread.run_sync((bundle / "config.json").is_file):
             raise InvalidArgument(f"bundle {bundle}: no config.json")
         stdio = StdioConfig.from_wire(args.stdio)
         runtime = RuncCommand(RuntimeBinary.from_wire(args.runtime), self.reaper)
@@ -306,8 +311,7 @@ class ShimService:
         try:
             async with task.lock:
                 if rootfs:
-                    (bundle / "rootfs").mkdir(exist_ok=True)
-                    await trio.to_thread.run_sync(mount_all, rootfs, bundle / "rootfs")
+                    await trio.to_thread.run_sync(_mount_rootfs, rootfs, bundle / "rootfs")
                     task.rootfs_mounted = True
                 console = None
                 if stdio.terminal:
