@@ -221,7 +221,7 @@ class TaskService:
                 await self._mark_lost(record)
         for group in groups:
             if group not in live:
-                self.shims.kill(group)  # a shim that does not answer is of no use to anyone
+                await self.shims.kill(group)  # a shim that does not answer is of no use to anyone
             elif not live[group]:
                 self._release_group(group)
         if self.network is not None:
@@ -719,14 +719,14 @@ class TaskService:
         recovering = self._recovering[group] = trio.Event()
         try:
             for delay in (0.0, 0.2, 1.0):
-                if not self.shims.running(group):
+                if not await self.shims.running(group):
                     break
                 await trio.sleep(delay)
                 with contextlib.suppress(BerthError):
                     await self.shims.connect(group)
                     log.info("shim_reconnected", group=group)
                     return
-            self.shims.kill(group)
+            await self.shims.kill(group)
             log.warning("shim_gone", group=group)
             for record in [r for r in self.records.values() if r.group == group and r.lost is None]:
                 await self._mark_lost(record)
