@@ -9,10 +9,10 @@ nothing behind. The spec stays the plain JSON mapping (``Bundle.spec``); the acc
 
 from __future__ import annotations
 
-import json
 import os
 
 from berth.core.errdefs import InvalidArgument, NotFound
+from berth.runtimes.builtin import quickjson
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every runtime call ~5 ms
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def load_bundle(path: str) -> Bundle:
     except OSError as exc:
         raise InvalidArgument(f"bundle {path}: cannot read config.json: {exc.strerror}") from None
     try:
-        spec = json.loads(raw)
+        spec = quickjson.loads(raw)
     except ValueError as exc:
         raise InvalidArgument(f"bundle {path}: config.json is not valid JSON: {exc}") from None
     if not isinstance(spec, dict):
@@ -218,7 +218,7 @@ def load_process(path: str) -> dict[str, Any]:
     """Read an OCI process object (``exec --process FILE``) and check it."""
     try:
         with open(path, "rb") as f:
-            process = json.loads(f.read())
+            process = quickjson.loads(f.read())
     except OSError as exc:
         raise InvalidArgument(f"cannot read process file {path}: {exc.strerror}") from None
     except ValueError as exc:

@@ -154,6 +154,7 @@ class Cgroups:
         self.version = version
         self.paths = paths
         self.created = created or []
+        self._warm_up: Any = None  # the lock the thread of start_warm_up releases when it is done
 
     @classmethod
     def plan(cls, cgroups_path: str, container_id: str) -> Cgroups:
@@ -235,6 +236,42 @@ class Cgroups:
         wanted = [c for c in available if c not in enabled]
         if wanted:
             _write(os.path.join(parent, "cgroup.subtree_control"), " ".join("+" + c for c in wanted))
+
+    def start_warm_up(self) -> None:
+        """Start a thread that moves this process into the cgroup it is already in (errors ignored), so
+        that a migration into these cgroups soon after costs no grace period; :meth:`finish_warm_up`
+        waits for it, and must be called before this process forks a child that will call :meth:`add`.
+
+        The kernel makes the first cgroup migration after a quiet spell wait for an RCU grace period (the
+        writer side of ``cgroup_threadgroup_rwsem``: 5-20 ms on this machine), and one soon after another
+        does not. Meanwhile the runtime imports, forks and mounts, none of which waits on that lock;
+        cgroup file writes do wait (on ``cgroup_mutex``), so this starts once the directories are made.
+        """
+        import _thread
+
+        try:
+            own = next(iter(Cgroups.plan(".", "").paths.values()))  # "." is where this process is
+        except (FailedPrecondition, InvalidArgument, OSError, StopIteration):
+            return
+        done = _thread.allocate_lock()
+        done.acquire()
+
+        def migrate() -> None:
+            try:
+                _write(os.path.join(own, "cgroup.procs"), str(os.getpid()))
+            except FailedPrecondition:
+                pass
+            finally:
+                done.release()
+
+        _thread.start_new_thread(migrate, ())
+        self._warm_up = done
+
+    def finish_warm_up(self) -> None:
+        """Wait for the thread of :meth:`start_warm_up`, if one runs."""
+        done, self._warm_up = self._warm_up, None
+        if done is not None:
+            done.acquire()
 
     def add(self, pid: int) -> None:
         """Move process ``pid`` (0: the caller) into every directory."""

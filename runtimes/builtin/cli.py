@@ -14,13 +14,11 @@ little more than the interpreter's own start-up.
 
 from __future__ import annotations
 
-import json
-import signal
 import sys
 import time
 
 from berth.core.errdefs import BerthError, InvalidArgument
-from berth.runtimes.builtin import container as ops
+from berth.runtimes.builtin import quickjson, signals
 from berth.runtimes.builtin.state import DEFAULT_ROOT, OCI_VERSION, Container
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every runtime call ~5 ms
@@ -156,9 +154,9 @@ class _Log:
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e9):09d}Z"
         if self.fmt == "json":
-            line = json.dumps({"level": level, "msg": message, "time": stamp})
+            line = quickjson.dumps({"level": level, "msg": message, "time": stamp})
         else:
-            line = f'time="{stamp}" level={level} msg={json.dumps(message)}'
+            line = f'time="{stamp}" level={level} msg={quickjson.dumps(message)}'
         try:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
@@ -176,14 +174,10 @@ class _Log:
 
 
 def _signal_number(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    name = text.upper()
-    name = name if name.startswith("SIG") else "SIG" + name
     try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise InvalidArgument(f"unknown signal {text!r}") from None
+        return signals.number(text)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def _size(text: str) -> int:
@@ -247,7 +241,7 @@ def _update_resources(args: _Args) -> dict[str, Any]:
         source = args.get("resources")
         try:
             raw = sys.stdin.read() if source == "-" else open(source).read()  # noqa: SIM115
-            given = json.loads(raw)
+            given = quickjson.loads(raw)
         except (OSError, ValueError) as exc:
             raise InvalidArgument(f"--resources {source}: {exc}") from None
         if not isinstance(given, dict):
@@ -273,7 +267,7 @@ def _update_resources(args: _Args) -> dict[str, Any]:
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+    sys.stdout.write(quickjson.dumps(value, indent=2) + "\n")
 
 
 def _ps_table(pids: list[int], ps_args: list[str]) -> int:
@@ -296,11 +290,13 @@ def _ps_table(pids: list[int], ps_args: list[str]) -> int:
 
 
 def _list(root: str, args: _Args) -> int:
+    from berth.runtimes.builtin import container as ops
+
     containers = ops.list_containers(root)
     if args.get("quiet"):
         sys.stdout.write("".join(c["id"] + "\n" for c in containers))
     elif args.get("format", "table") == "json":
-        sys.stdout.write(json.dumps(containers) + "\n")
+        sys.stdout.write(quickjson.dumps(containers) + "\n")
     else:
         rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
         rows += [(c["id"], str(c["pid"]), c["status"], c["bundle"], c["created"], c["owner"] or "root")
@@ -313,6 +309,8 @@ def _list(root: str, args: _Args) -> int:
 
 
 def _events(root: str, container_id: str, args: _Args) -> int:
+    from berth.runtimes.builtin import container as ops
+
     if args.get("stats"):
         _print_json({"type": "stats", "id": container_id, "data": ops.stats(container_id, root)})
         return 0
@@ -324,7 +322,7 @@ def _events(root: str, container_id: str, args: _Args) -> int:
         raise InvalidArgument(f"bad --interval {interval_text!r}") from None
     while ops.state(container_id, root)["status"] != "stopped":
         sample = {"type": "stats", "id": container_id, "data": ops.stats(container_id, root)}
-        sys.stdout.write(json.dumps(sample) + "\n")
+        sys.stdout.write(quickjson.dumps(sample) + "\n")
         sys.stdout.flush()
         time.sleep(interval)
     return 0
@@ -348,6 +346,8 @@ def _run(argv: list[str], log: _Log, root: str) -> int:
     container_id = rest[0] if names else ""
     extra = rest[len(names):]
     log.debug(f"{command} {' '.join(argv)}")
+    from berth.runtimes.builtin import container as ops
+
     preserve = _integer(args.get("preserve_fds", "0"), "--preserve-fds")
     if command == "create":
         ops.create(args.get("bundle", "."), container_id, root, pid_file=args.get("pid_file"),
@@ -383,7 +383,7 @@ def _run(argv: list[str], log: _Log, root: str) -> int:
     elif command == "ps":
         pids = ops.pids(container_id, root)
         if args.get("format", "table") == "json":
-            sys.stdout.write(json.dumps(pids) + "\n")
+            sys.stdout.write(quickjson.dumps(pids) + "\n")
             return 0
         return _ps_table(pids, extra)
     elif command == "list":

@@ -16,31 +16,29 @@ shim) or to init.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
 
 from berth.core.errdefs import FailedPrecondition, InvalidArgument, NotFound
-from berth.runtimes.builtin import linux
+from berth.runtimes.builtin import signals
 from berth.runtimes.builtin.cgroups import Cgroups
 from berth.runtimes.builtin.state import DEFAULT_ROOT, Container, process_start_time, rfc3339
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every runtime call ~5 ms
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
     from typing import Any
 
     from berth.runtimes.builtin.bundle import Bundle
+
+    Warn = Callable[[str], None]
 
 __all__ = [
     "DEFAULT_ROOT", "create", "delete", "exec", "kill", "list_containers", "pause", "pids", "resume", "run", "start",
     "state", "stats", "update",
 ]
-
-Warn = Callable[[str], None]
 
 
 def _stderr_warn(message: str) -> None:
@@ -84,7 +82,7 @@ def _kill_all(cgroups: Cgroups | None, pids: Iterable[int] = ()) -> None:
     victims = set(pids) | set(cgroups.pids() if cgroups else ())
     for pid in victims:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signals.SIGKILL)
         except ProcessLookupError:
             continue
     if cgroups is not None and cgroups.is_frozen():
@@ -103,8 +101,10 @@ def _wait_gone(pid: int, timeout: float) -> bool:
         ready = select.select([pidfd], [], [], timeout)[0]
     finally:
         os.close(pidfd)
-    with contextlib.suppress(ChildProcessError):
+    try:
         os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
     return bool(ready)
 
 
@@ -125,11 +125,9 @@ def create(bundle: str, container_id: str, root: str = DEFAULT_ROOT, *, pid_file
 
 def _create(checked: Bundle, container_id: str, root: str, *, pid_file: str | None, console_socket: str | None,
             no_pivot: bool, no_new_keyring: bool, preserve_fds: int) -> int:
-    from berth.runtimes.builtin.process import Launch, launch
     spec, process = checked.spec, checked.process
     if process.get("terminal") and not console_socket:
         raise InvalidArgument("process.terminal is set: a --console-socket is required")
-    seccomp = _prepare_imports(spec, process)
     linux_spec = checked.linux
     cgroups = Cgroups.plan(linux_spec.get("cgroupsPath") or "", container_id)
     record: dict[str, Any] = {
@@ -151,6 +149,11 @@ def _create(checked: Bundle, container_id: str, root: str, *, pid_file: str | No
         record["cgroups"] = cgroups.to_record()
         container.save()
         cgroups.apply(linux_spec.get("resources") or {}, spec)
+        cgroups.start_warm_up()  # the grace period passes during the imports, the fork and the mounts
+        from berth.runtimes.builtin import linux
+        from berth.runtimes.builtin.process import Launch, launch
+
+        seccomp = _prepare_imports(spec, process)
         console_fd = -1
         if console_socket:
             from berth.runtimes.builtin.console import connect_console_socket
@@ -184,6 +187,7 @@ def _create(checked: Bundle, container_id: str, root: str, *, pid_file: str | No
             container.remove()
         raise
     finally:
+        cgroups.finish_warm_up()
         for fd in fds:
             os.close(fd)
     return pid
@@ -249,7 +253,7 @@ def kill(container_id: str, sig: int, root: str = DEFAULT_ROOT, *, all_processes
             os.kill(pid, sig)
         except ProcessLookupError:
             continue
-    if sig == signal.SIGKILL and cgroups is not None and cgroups.is_frozen():
+    if sig == signals.SIGKILL and cgroups is not None and cgroups.is_frozen():
         cgroups.freeze(False)
 
 
@@ -335,12 +339,17 @@ def exec_process(container_id: str, process: dict[str, Any], root: str = DEFAULT
     profile. Detached: return its pid once it has called execve. Otherwise wait and return its exit
     status (128 + signal when killed), forwarding the signals the caller receives."""
     from berth.runtimes.builtin.bundle import check_process
-    from berth.runtimes.builtin.process import Launch, launch, namespace_files
     container = Container.load(root, container_id)
     status = container.status()
     if status not in ("created", "running"):
         raise FailedPrecondition(f"cannot exec in container {container_id}: it is {status}")
     check_process(process)
+    cgroups = container.cgroups
+    if cgroups is not None:
+        cgroups.start_warm_up()  # see Cgroups.start_warm_up
+    from berth.runtimes.builtin import linux
+    from berth.runtimes.builtin.process import Launch, launch, namespace_files
+
     if process.get("terminal") and not console_socket:
         raise InvalidArgument("process.terminal is set: a --console-socket is required")
     spec = container.spec
@@ -366,10 +375,12 @@ def exec_process(container_id: str, process: dict[str, Any], root: str = DEFAULT
             raise FailedPrecondition(f"cannot exec in container {container_id}: it has stopped")
         linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
         pid = launch(Launch(container_id=container_id, spec=spec, process=process, bundle=container.bundle,
-                            rootfs=container.record.get("rootfs", ""), cgroups=container.cgroups, init=False,
+                            rootfs=container.record.get("rootfs", ""), cgroups=cgroups, init=False,
                             join_fds=join, root_fd=root_fd, console_fd=console_fd, preserve_fds=preserve_fds,
                             seccomp=seccomp))
     finally:
+        if cgroups is not None:
+            cgroups.finish_warm_up()
         for fd in fds:
             try:
                 os.close(fd)
@@ -404,22 +415,24 @@ def run(bundle: str, container_id: str, root: str = DEFAULT_ROOT, *, detach: boo
     return status
 
 
-_NOT_FORWARDED = frozenset((signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD))
+_NOT_FORWARDED = frozenset((signals.SIGKILL, signals.SIGSTOP, signals.SIGCHLD))
 
 
 def wait_forwarding(pid: int) -> int:
     """Wait for our child ``pid``, passing on every signal we receive; reap other orphans on the way."""
     from berth.runtimes.builtin.process import wait_child
     def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
     previous = {}
-    for signum in signal.valid_signals():
-        if signum in _NOT_FORWARDED or signum >= signal.SIGRTMIN:
+    for signum in signals.valid_signals():
+        if signum in _NOT_FORWARDED or signum >= signals.SIGRTMIN:
             continue
         try:
-            previous[signum] = signal.signal(signum, forward)
+            previous[signum] = signals.signal(signum, forward)
         except (OSError, ValueError):
             continue
     try:
@@ -434,4 +447,4 @@ def wait_forwarding(pid: int) -> int:
                 return os.waitstatus_to_exitcode(status)
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signals.signal(signum, handler)

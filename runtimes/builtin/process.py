@@ -1,13 +1,16 @@
 """Starting a container process: the container's init (``create``) or an extra process (``exec``).
 
 Three processes take part, as in runc. The *runtime* (the caller of :func:`launch`) forks a *stage-1*
-child, which joins the cgroups, joins the namespaces given by path (or, for ``exec``, those of the
-container's init), unshares the new ones and forks the *container process* (pid 1 of a new pid
-namespace). Stage 1 reports that pid and exits. The container process sets itself up and, for an init,
-reports ``ready`` and blocks opening the exec fifo until ``start``; an ``exec`` process simply calls
-execve, which closes the channel. The runtime writes the uid/gid maps of a new user namespace (asked by
-stage 1), sets rlimits and ``oom_score_adj`` on the container process, and runs the ``prestart`` and
-``createRuntime`` hooks when the init asks (after its mounts, before its pivot).
+child, which joins the namespaces given by path (or, for ``exec``, those of the container's init),
+unshares the new ones and forks the *container process* (pid 1 of a new pid namespace). Stage 1 reports
+that pid and exits. The runtime moves the container process into its cgroups, sets its rlimits and
+``oom_score_adj``, and acknowledges; meanwhile an init does its mounts, since a cgroup migration may wait
+for an RCU grace period (5-15 ms). Only a new cgroup namespace needs its cgroups first: then stage 1
+joins them before it unshares. The container process finishes setting itself up after the
+acknowledgement and, for an init, reports ``ready`` and blocks opening the exec fifo until ``start``; an
+``exec`` process simply calls execve, which closes the channel. The runtime also writes the uid/gid maps
+of a new user namespace (asked by stage 1) and runs the ``prestart`` and ``createRuntime`` hooks when the
+init asks (after its mounts, before its pivot).
 
 The channel is a pair of close-on-exec pipes carrying one JSON object per line. A failure in either
 child travels back as ``{"type": "error", "code", "message"}`` and is raised in the runtime as the
@@ -19,14 +22,10 @@ Python library is out of reach once the root has changed.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import signal
-from collections.abc import Callable
 
 from berth.core.errdefs import BerthError, FailedPrecondition, Internal, error_from_wire
-from berth.runtimes.builtin import linux
+from berth.runtimes.builtin import linux, quickjson, signals
 from berth.runtimes.builtin.bundle import NAMESPACE_TYPES
 from berth.runtimes.builtin.cgroups import Cgroups
 from berth.runtimes.builtin.rootfs import Mounter, finalize_rootfs, pivot
@@ -34,6 +33,7 @@ from berth.runtimes.builtin.security import drop_privileges
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every runtime call ~5 ms
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 __all__ = ["Launch", "launch", "wait_child"]
@@ -82,7 +82,7 @@ class _Channel:
         self._buffer = b""
 
     def send(self, **message: Any) -> None:
-        data = json.dumps(message).encode() + b"\n"
+        data = quickjson.dumps(message).encode() + b"\n"
         while data:
             data = data[os.write(self.wfd, data):]
 
@@ -93,7 +93,7 @@ class _Channel:
                 return None
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
-        message = json.loads(line)
+        message = quickjson.loads(line.decode())
         if not isinstance(message, dict):
             raise Internal(f"bad message on the container channel: {line!r}")
         return message
@@ -107,8 +107,10 @@ class _Channel:
     def close(self) -> None:
         """Close both ends; a later send raises OSError (EBADF) instead of writing to a reused number."""
         for fd in (self.rfd, self.wfd):
-            with contextlib.suppress(OSError):
+            try:
                 os.close(fd)
+            except OSError:
+                continue
         self.rfd = self.wfd = -1
 
 
@@ -129,6 +131,8 @@ def wait_child(pid: int) -> int:
 def launch(ctx: Launch) -> int:
     """Start the container process of ``ctx`` and return its pid (in the caller's pid namespace) once it
     is ready (an init, blocked on the exec fifo) or has called execve (an exec process)."""
+    if ctx.cgroups is not None and _stage1_joins_cgroups(ctx):
+        ctx.cgroups.finish_warm_up()  # stage 1 joins: no thread may be left behind in a fork
     down_r, down_w = os.pipe()
     up_r, up_w = os.pipe()
     stage1 = os.fork()
@@ -154,8 +158,17 @@ def launch(ctx: Launch) -> int:
                 pid = int(message["pid"])
                 wait_child(stage1)
                 stage1_reaped = True
-                _apply_limits(pid, ctx.process)
-                chan.send(type="ok", pid=pid)
+                try:
+                    if ctx.cgroups is not None and not _stage1_joins_cgroups(ctx):
+                        ctx.cgroups.finish_warm_up()
+                        ctx.cgroups.add(pid)
+                    _apply_limits(pid, ctx.process)
+                    chan.send(type="ok", pid=pid)
+                except (BerthError, OSError):
+                    reported = _reported_error(chan, pid)  # the container process failed first: its reason
+                    if reported is not None:
+                        raise reported from None
+                    raise
             elif kind == "hooks" and ctx.runtime_hooks is not None:
                 ctx.runtime_hooks(pid)
                 chan.send(type="ok")
@@ -173,7 +186,7 @@ def launch(ctx: Launch) -> int:
         for victim in (pid, stage1):
             if victim:
                 try:
-                    os.kill(victim, signal.SIGKILL)
+                    os.kill(victim, signals.SIGKILL)
                 except ProcessLookupError:
                     continue
         if pid:
@@ -184,6 +197,20 @@ def launch(ctx: Launch) -> int:
         if not stage1_reaped:
             wait_child(stage1)
     return pid
+
+
+def _reported_error(chan: _Channel, pid: int) -> BerthError | None:
+    """The error the container process ``pid`` reported, if it did: it is killed and the channel read to
+    its end (the process mounts while the runtime joins it to its cgroups, so a failure of its own can
+    be the reason why the runtime could not reach it)."""
+    try:
+        os.kill(pid, signals.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while (message := chan.recv()) is not None:
+        if message.get("type") == "error":
+            return error_from_wire({"code": message.get("code"), "message": message.get("message")})
+    return None
 
 
 def _write_id_maps(pid: int, spec: dict[str, Any]) -> None:
@@ -231,8 +258,10 @@ def _report(chan: _Channel, exc: BaseException) -> None:
     try:
         chan.send(type="error", code=code, message=message)
     except OSError:  # after "ready" the runtime has gone: the container's stderr is the only witness
-        with contextlib.suppress(OSError):
+        try:
             os.write(2, f"berth-runtime: {message}\n".encode())
+        except OSError:
+            pass
 
 
 def _child_main(ctx: Launch, chan: _Channel) -> None:
@@ -246,9 +275,16 @@ def _child_main(ctx: Launch, chan: _Channel) -> None:
     os._exit(1)
 
 
+def _stage1_joins_cgroups(ctx: Launch) -> bool:
+    """A new cgroup namespace is rooted at the cgroup of the process that unshares it: stage 1 joins the
+    container's cgroups before. Otherwise the runtime moves the container process once it exists."""
+    return ctx.cgroups is not None and ctx.namespaces.get("cgroup") == ""
+
+
 def _stage1(ctx: Launch, chan: _Channel) -> bool:
-    """Join cgroups and namespaces, unshare, fork. True in stage 1 (which then exits), False in the child."""
-    if ctx.cgroups is not None:
+    """Join cgroups (see :func:`_stage1_joins_cgroups`) and namespaces, unshare, fork. True in stage 1
+    (which then exits), False in the child."""
+    if ctx.cgroups is not None and _stage1_joins_cgroups(ctx):
         ctx.cgroups.add(os.getpid())
     joins = ctx.join_fds or {kind: os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                              for kind, path in ctx.namespaces.items() if path}
@@ -277,12 +313,13 @@ def _stage1(ctx: Launch, chan: _Channel) -> bool:
 
 def _container_process(ctx: Launch, chan: _Channel) -> None:
     """Set the container process up and execve the user's program (see the module docstring)."""
-    host_pid = int(chan.expect_ok()["pid"])
     os.setsid()
     spec, process = ctx.spec, ctx.process
     if ctx.init:
         user_ns = "user" in ctx.namespaces
         Mounter(spec, ctx.rootfs, ctx.bundle, ctx.cgroups, "cgroup" in ctx.namespaces, user_ns).prepare()
+    host_pid = int(chan.expect_ok()["pid"])  # in the container's cgroups from here on
+    if ctx.init:
         if ctx.runtime_hooks is not None:
             chan.send(type="hooks")
             chan.expect_ok()
@@ -309,8 +346,10 @@ def _container_process(ctx: Launch, chan: _Channel) -> None:
     if process.get("noNewPrivileges"):
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
     cwd = process.get("cwd") or "/"
-    with contextlib.suppress(OSError):  # the user may be able to when root could not (root squashing): see below
+    try:  # the user may be able to when root could not (root squashing): see below
         os.chdir(cwd)
+    except OSError:
+        pass
     set_groups = True
     if "user" in ctx.namespaces or "user" in ctx.join_fds:
         with open("/proc/self/setgroups") as f:
@@ -344,8 +383,8 @@ def _container_process(ctx: Launch, chan: _Channel) -> None:
                 os._exit(1)
     if ctx.seccomp is not None and process.get("noNewPrivileges"):
         ctx.seccomp.load()
-    for signum in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; the program must not inherit that
-        signal.signal(signum, signal.SIG_DFL)
+    for signum in (signals.SIGPIPE, signals.SIGXFSZ):  # Python ignores these; the program must not inherit that
+        signals.signal(signum, signals.SIG_DFL)
     try:
         os.execve(path, args, env)
     except OSError as exc:

@@ -12,11 +12,11 @@ frozen, and ``stopped`` once the init has exited (a zombie counts as exited).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from berth.core.errdefs import AlreadyExists, NotFound
+from berth.runtimes.builtin import quickjson
 from berth.runtimes.builtin.bundle import check_container_id
 from berth.runtimes.builtin.cgroups import Cgroups
 
@@ -104,7 +104,7 @@ class Container:
         check_container_id(container_id)
         try:
             with open(os.path.join(root, container_id, STATE_FILE), "rb") as f:
-                record = json.loads(f.read())
+                record = quickjson.loads(f.read())
         except FileNotFoundError:
             raise NotFound(f"container {container_id} does not exist") from None
         return cls(root, container_id, record)
@@ -128,7 +128,7 @@ class Container:
         """Write the record atomically (a reader sees the old or the new file, never half of one)."""
         tmp = os.path.join(self.dir, f".{STATE_FILE}.{os.getpid()}")
         with open(tmp, "w") as f:
-            f.write(json.dumps(self.record))  # dumps uses the C encoder; dump iterates in Python
+            f.write(quickjson.dumps(self.record))
         os.rename(tmp, os.path.join(self.dir, STATE_FILE))
 
     def alive(self) -> bool:
