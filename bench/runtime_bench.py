@@ -5,8 +5,10 @@
 For each runtime, on the same busybox bundle running ``true``: ``run`` (one command: create, start,
 wait, delete; issue #6's measure, target at most 1.5x runc), ``--version`` (the start-up floor), and
 ``create`` + ``start`` + (its ``true`` exits) + ``delete`` as three separate commands, the way
-containerd's shim calls them. Runs alternate between the runtimes; medians and the ratios are printed
-and written to bench/results/. Needs root. Every container is deleted at the end.
+containerd's shim calls them. Runs alternate between the runtimes, each after a pause (``--gap``,
+0.1 s): the first cgroup migration after a quiet spell waits for an RCU grace period (5-20 ms here), and
+a run right after another would find it already passed. Medians and the ratios are printed and written
+to bench/results/. Needs root. Every container is deleted at the end.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from runtime_fixture import make_rootfs  # the tests' busybox rootfs
 from berth.runtimes.runc.plugin import find_binary
 
 
-def timed(argv: list[str]) -> float:
+def timed(argv: list[str], gap: float = 0.0) -> float:
+    time.sleep(gap)
     started = time.perf_counter()
     with tempfile.TemporaryFile() as out:  # create's container keeps its stdio: no pipes
         code = subprocess.run(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, check=False).returncode
@@ -37,9 +40,9 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def lifecycle(binary: str, root: Path, bundle: Path, container_id: str) -> float:
+def lifecycle(binary: str, root: Path, bundle: Path, container_id: str, gap: float) -> float:
     base = [binary, "--root", str(root)]
-    total = timed([*base, "create", "--bundle", str(bundle), container_id])
+    total = timed([*base, "create", "--bundle", str(bundle), container_id], gap)
     total += timed([*base, "start", container_id])
     deadline = time.monotonic() + 10
     while json.loads(subprocess.run([*base, "state", container_id], capture_output=True, check=True).stdout
@@ -53,6 +56,7 @@ def lifecycle(binary: str, root: Path, bundle: Path, container_id: str) -> float
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--gap", type=float, default=0.1, help="seconds of quiet before each timed run")
     args = parser.parse_args()
     runtimes = {"runc": shutil.which("runc"), "berth-runtime": find_binary("berth-runtime")}
     if None in runtimes.values():
@@ -71,9 +75,9 @@ def main() -> None:
             for name, binary in runtimes.items():
                 assert binary is not None
                 run[name].append(timed([binary, "--root", str(work / f"{name}-root"), "run", "--bundle", str(work),
-                                        f"run{i}"]))
+                                        f"run{i}"], args.gap))
                 version[name].append(timed([binary, "--version"]))
-                cycle[name].append(lifecycle(binary, work / f"{name}-root", work, f"bench{i}"))
+                cycle[name].append(lifecycle(binary, work / f"{name}-root", work, f"bench{i}", args.gap))
         results = {}
         for name in runtimes:
             results[name] = {"run_ms": statistics.median(run[name]) * 1000,

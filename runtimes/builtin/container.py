@@ -146,10 +146,10 @@ def _create(checked: Bundle, container_id: str, root: str, *, pid_file: str | No
         fifo_fd = os.open(container.fifo, os.O_PATH | os.O_CLOEXEC)
         fds.append(fifo_fd)
         cgroups.create()
-        record["cgroups"] = cgroups.to_record()
-        container.save()
         cgroups.apply(linux_spec.get("resources") or {}, spec)
         cgroups.start_warm_up()  # the grace period passes during the imports, the fork and the mounts
+        record["cgroups"] = cgroups.to_record()
+        container.save()
         from berth.runtimes.builtin import linux
         from berth.runtimes.builtin.process import Launch, launch
 

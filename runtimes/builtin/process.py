@@ -315,10 +315,16 @@ def _container_process(ctx: Launch, chan: _Channel) -> None:
     """Set the container process up and execve the user's program (see the module docstring)."""
     os.setsid()
     spec, process = ctx.spec, ctx.process
+    # The runtime moves this process into its cgroups and then acknowledges, with its pid on the host.
+    # Hooks run in the cgroups: with hooks, the acknowledgement is awaited after the mounts; without, as
+    # late as possible (before seccomp, which could forbid reading it), so the setup overlaps the move.
+    hooks_first = ctx.init and (ctx.runtime_hooks is not None or bool((spec.get("hooks") or {}).get("createContainer")))
+    host_pid = 0
     if ctx.init:
         user_ns = "user" in ctx.namespaces
         Mounter(spec, ctx.rootfs, ctx.bundle, ctx.cgroups, "cgroup" in ctx.namespaces, user_ns).prepare()
-    host_pid = int(chan.expect_ok()["pid"])  # in the container's cgroups from here on
+    if hooks_first:
+        host_pid = int(chan.expect_ok()["pid"])
     if ctx.init:
         if ctx.runtime_hooks is not None:
             chan.send(type="hooks")
@@ -341,6 +347,8 @@ def _container_process(ctx: Launch, chan: _Channel) -> None:
         setup_pty(ctx.console_fd, mount_console=ctx.init)
     if ctx.init:
         _init_system(ctx)
+    if not hooks_first:
+        host_pid = int(chan.expect_ok()["pid"])
     if ctx.seccomp is not None and not process.get("noNewPrivileges"):
         ctx.seccomp.load()
     if process.get("noNewPrivileges"):
