@@ -69,7 +69,27 @@ def bad_mount_source(lab: RuntimeLab, bundle: Path) -> None:
     (bundle / "config.json").write_text(json.dumps(spec))
 
 
+def edit_spec(change: Callable[[dict[str, Any]], None]) -> Callable[[RuntimeLab, Path], None]:
+    def apply(lab: RuntimeLab, bundle: Path) -> None:
+        spec = json.loads((bundle / "config.json").read_text())
+        change(spec)
+        (bundle / "config.json").write_text(json.dumps(spec))
+
+    return apply
+
+
+def deeply_nested(lab: RuntimeLab, bundle: Path) -> None:
+    (bundle / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
 CASES: dict[str, tuple[Callable[[RuntimeLab, Path], None], str]] = {
+    "deeply nested JSON": (deeply_nested, "nested too deeply"),
+    "NUL in the hostname": (edit_spec(lambda spec: spec.update(hostname="a\x00b")), "hostname holds a NUL"),
+    "lone surrogate in an argument": (edit_spec(lambda spec: spec["process"].update(args=["/bin/\ud800"])),
+                                      "process.args[0] is not valid Unicode"),
+    "uid out of range": (edit_spec(lambda spec: spec["process"]["user"].update(uid=2**32)),
+                         "process.user.uid 4294967296 is out of range"),
+
     "missing rootfs": (missing_rootfs, "no-such-rootfs"),
     "invalid JSON": (invalid_json, "config.json"),
     "unknown namespace": (unknown_namespace, "bogus"),

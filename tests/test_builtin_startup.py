@@ -54,6 +54,8 @@ def test_quickjson_edges() -> None:
         quickjson.loads(b'"\xff\xfe\xfa"x')
     with pytest.raises(TypeError, match="not JSON serializable"):
         quickjson.dumps({"a": object()})
+    with pytest.raises(ValueError, match="nested too deeply"):
+        quickjson.loads("[" * 100_000 + "]" * 100_000)
     circular: list[object] = []
     circular.append(circular)
     with pytest.raises(ValueError, match=r"[Cc]ircular"):

@@ -60,6 +60,33 @@ def _strings(value: Any, where: str) -> list[str]:
     return items
 
 
+def _check_text(value: Any, where: str) -> None:
+    """Every string in ``value`` (a parsed JSON document) must reach a system call whole: no NUL byte
+    and nothing UTF-8 cannot encode (a lone surrogate from a ``\\ud800`` escape)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidArgument(f"{where} holds a NUL character")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"{where} is not valid Unicode (a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, f"{where} key {key!r}")
+            _check_text(item, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}[{i}]")
+
+
+def _id(value: Any, where: str) -> int:
+    """A uid or gid: an integer from 0 to 2**32 - 2 (2**32 - 1 means "no id" to the kernel)."""
+    number = _int(value, where, 0)
+    if not 0 <= number <= 0xFFFFFFFE:
+        raise InvalidArgument(f"{where} {number} is out of range (0 to 4294967294)")
+    return number
+
+
 def _int(value: Any, where: str, default: int | None = None) -> int:
     if value is None and default is not None:
         return default
@@ -134,6 +161,7 @@ def load_bundle(path: str) -> Bundle:
 
 def check_spec(spec: dict[str, Any]) -> None:
     """Raise InvalidArgument for the first field of ``spec`` the runtime cannot honour."""
+    _check_text({key: value for key, value in spec.items() if key not in ("annotations", "process")}, "")
     process = _mapping(spec.get("process"), "process")
     if not process:
         raise InvalidArgument("process is required")
@@ -191,6 +219,7 @@ def check_spec(spec: dict[str, Any]) -> None:
 
 def check_process(process: dict[str, Any], where: str = "process") -> None:
     """Raise InvalidArgument for a malformed OCI process object."""
+    _check_text(process, where)
     args = _strings(process.get("args"), f"{where}.args")
     if not args:
         raise InvalidArgument(f"{where}.args must not be empty")
@@ -199,10 +228,10 @@ def check_process(process: dict[str, Any], where: str = "process") -> None:
         raise InvalidArgument(f"{where}.cwd must be an absolute path, not {cwd!r}")
     _strings(process.get("env"), f"{where}.env")
     user = _mapping(process.get("user"), f"{where}.user")
-    _int(user.get("uid"), f"{where}.user.uid", 0)
-    _int(user.get("gid"), f"{where}.user.gid", 0)
-    for gid in _list(user.get("additionalGids"), f"{where}.user.additionalGids"):
-        _int(gid, f"{where}.user.additionalGids[]")
+    _id(user.get("uid"), f"{where}.user.uid")
+    _id(user.get("gid"), f"{where}.user.gid")
+    for i, gid in enumerate(_list(user.get("additionalGids"), f"{where}.user.additionalGids")):
+        _id(gid, f"{where}.user.additionalGids[{i}]")
     caps = _mapping(process.get("capabilities"), f"{where}.capabilities")
     for kind in ("bounding", "effective", "inheritable", "permitted", "ambient"):
         _strings(caps.get(kind), f"{where}.capabilities.{kind}")

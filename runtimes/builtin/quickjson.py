@@ -48,10 +48,19 @@ _encode = _json.make_encoder({}, _not_serializable, _json.encode_basestring_asci
 
 def loads(text: str | bytes) -> Any:
     """Parse one JSON document, as :func:`json.loads` does; raise :class:`ValueError` (a
-    :class:`json.JSONDecodeError`, or :class:`UnicodeDecodeError` for bytes that are not UTF-8)."""
+    :class:`json.JSONDecodeError`, :class:`UnicodeDecodeError` for bytes that are not UTF-8, or a plain
+    one for arrays and objects nested too deeply to parse, where :func:`json.loads` raises
+    :class:`RecursionError`)."""
+    try:
+        return _loads(text)
+    except RecursionError:
+        raise ValueError("arrays or objects nested too deeply") from None
+
+
+def _loads(text: str | bytes) -> Any:
     if not isinstance(text, str):
         if isinstance(text, bytes) and not text.startswith((b"\xef\xbb\xbf", b"\xff", b"\xfe")):
-            return loads(text.decode())  # UTF-8 (json.loads also detects UTF-16/32 and a BOM: that path)
+            return _loads(text.decode())  # UTF-8 (json.loads also detects UTF-16/32 and a BOM: that path)
         return _json_module().loads(text)
     start = len(text) - len(text.lstrip(_WHITESPACE))
     try:
