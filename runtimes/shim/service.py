@@ -34,6 +34,7 @@ from berth.core.rpc.server import Call, Handler, streaming
 from berth.core.snapshots.mount import mount_all, unmount_all
 from berth.core.snapshots.snapshotter import Mount
 from berth.runtimes.runc.command import RuncCommand, RuntimeBinary
+from berth.runtimes.shim.cgroupwarm import CgroupWarmUp
 from berth.runtimes.shim.oom import watch_oom
 from berth.runtimes.shim.reaper import Reaper
 from berth.runtimes.shim.stdio import ProcessIO, StdioConfig
@@ -77,6 +78,8 @@ class Task:
     init: Process
     execs: dict[str, Process] = field(default_factory=dict)
     rootfs_mounted: bool = False
+    #: The spec has ``poststop`` hooks (which the runtime's ``delete`` runs; they may read the rootfs).
+    poststop_hooks: bool = False
     #: Cancels the task's OOM watch (at delete).
     oom_watch: trio.CancelScope = field(default_factory=trio.CancelScope)
     #: Serialises the lifecycle steps (create/start/delete/pause/resume) of this task.
@@ -99,6 +102,20 @@ class Task:
 def _mount_rootfs(mounts: list[Mount], target: Path) -> None:
     target.mkdir(exist_ok=True)
     mount_all(mounts, target)
+
+
+def _poststop_hooks(bundle: Path) -> bool | None:
+    """Whether the bundle's ``config.json`` has ``poststop`` hooks; ``None`` when it has no readable one."""
+    try:
+        data = (bundle / "config.json").read_bytes()
+    except OSError:
+        return None
+    try:
+        spec = json.loads(data)
+    except ValueError:
+        return False  # the runtime says what is wrong with it
+    hooks = spec.get("hooks") if isinstance(spec, dict) else None
+    return bool(hooks.get("poststop")) if isinstance(hooks, dict) else False
 
 
 def write_exit_record(bundle: Path, exit_status: int, exited_at: float) -> None:
@@ -195,6 +212,8 @@ class ShimService:
         self.tasks: dict[tuple[str, str], Task] = {}
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self._nursery: trio.Nursery | None = None
+        #: The runtime's move of a new process into its cgroup waits for no RCU grace period then.
+        self._warm_up = CgroupWarmUp()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the background tasks (output copying, exit handling) until cancelled."""
@@ -300,12 +319,15 @@ class ShimService:
         if key in self.tasks:
             raise AlreadyExists(f"task {args.id} already exists in namespace {call.namespace}")
         bundle = Path(args.bundle)
-        if not bundle.is_absolute() or not await trio.to_thread.run_sync((bundle / "config.json").is_file):
+        self._warm_up.start(self.nursery)  # the runtime moves the init into its cgroups in some 10-30 ms
+        poststop_hooks = await trio.to_thread.run_sync(_poststop_hooks, bundle) if bundle.is_absolute() else None
+        if poststop_hooks is None:
             raise InvalidArgument(f"bundle {bundle}: no config.json")
         stdio = StdioConfig.from_wire(args.stdio)
         runtime = RuncCommand(RuntimeBinary.from_wire(args.runtime), self.reaper)
         rootfs = [Mount.from_wire(m) for m in args.rootfs]
-        task = Task(call.namespace, args.id, bundle, runtime, Process("", ProcessIO(stdio)))
+        task = Task(call.namespace, args.id, bundle, runtime, Process("", ProcessIO(stdio)),
+                    poststop_hooks=poststop_hooks)
         self.tasks[key] = task
         created = False
         try:
@@ -368,6 +390,10 @@ class ShimService:
             with contextlib.suppress(Exception):
                 await task.runtime.delete(task.id, force=True)
         await task.init.io.aclose()
+        await self._unmount_rootfs(task)
+
+    @staticmethod
+    async def _unmount_rootfs(task: Task) -> None:
         if task.rootfs_mounted:
             with contextlib.suppress(OSError):
                 await trio.to_thread.run_sync(unmount_all, task.bundle / "rootfs")
@@ -408,6 +434,7 @@ class ShimService:
         return {"pid": process.pid}
 
     async def _start_exec(self, task: Task, process: Process) -> None:
+        self._warm_up.start(self.nursery)  # the runtime moves the exec process into the task's cgroup
         spec_path = task.bundle / f"exec-{process.exec_id}.json"
         await trio.to_thread.run_sync(spec_path.write_text, json.dumps(process.spec))
         console = None
@@ -500,9 +527,11 @@ class ShimService:
                     await task.runtime.delete(task.id, force=True)
                 with trio.move_on_after(5):
                     await process.exited.wait()
-            else:
+            elif running_execs or task.poststop_hooks:
                 with contextlib.suppress(NotFound):
                     await task.runtime.delete(task.id, force=bool(running_execs))
+            else:  # nothing runs in it and no hook reads the rootfs: unmount it while the runtime deletes
+                await self._delete_stopped(task)
             for other in task.execs.values():
                 await other.io.aclose()
             await self._discard(task, runtime_created=False)
@@ -510,6 +539,24 @@ class ShimService:
         self._publish(task, "/tasks/delete", {"container_id": task.id, "id": task.id, "pid": process.pid,
                                               "exit_status": process.exit_status, "exited_at": process.exited_at})
         return {"pid": process.pid, "exit_status": process.exit_status, "exited_at": process.exited_at}
+
+    async def _delete_stopped(self, task: Task) -> None:
+        """``<runtime> delete`` of a task none of whose processes runs, with the rootfs unmounted meanwhile."""
+        failed: list[Exception] = []
+
+        async def delete() -> None:
+            try:
+                await task.runtime.delete(task.id)
+            except NotFound:
+                pass
+            except Exception as err:  # raised below, as it is (not in an exception group)
+                failed.append(err)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(delete)
+            nursery.start_soon(self._unmount_rootfs, task)
+        if failed:
+            raise failed[0]
 
     @typed_args(ProcessArgs)
     async def pause(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
