@@ -108,8 +108,8 @@ class RuncCommand:
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if stdin is not None else (os.open(os.devnull, os.O_RDONLY), -1)
         try:
-            pid = self.reaper.spawn(self._argv(args), stdin=in_r, stdout=out_w, stderr=err_w)
-        except OSError:
+            pid = await self.reaper.spawn(self._argv(args), stdin=in_r, stdout=out_w, stderr=err_w)
+        except BaseException:
             for fd in (out_r, err_r, in_w):
                 if fd >= 0:
                     os.close(fd)
@@ -141,7 +141,7 @@ class RuncCommand:
     async def _run_with_log(self, args: Sequence[str], log: Path, *, stdio: tuple[int, int, int]) -> None:
         """Run ``create``/``exec``: the child's stdio is the container's; errors come from ``log``."""
         await trio.to_thread.run_sync(lambda: log.unlink(missing_ok=True))
-        pid = self.reaper.spawn(self._argv(args, log), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
+        pid = await self.reaper.spawn(self._argv(args, log), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
         code = await self.reaper.wait(pid)
         if code != 0:
             message = await trio.to_thread.run_sync(last_log_error, log)
