@@ -177,12 +177,14 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _new_container(client: Client, args: argparse.Namespace) -> None:
+def _new_container(client: Client, args: argparse.Namespace, task: dict[str, Any] | None = None) -> None:
     from berth.client.cli import _parse_labels
 
-    client.call("containers.new", {"id": args.id, "image": args.image, "snapshotter": args.snapshotter,
-                                   "runtime": args.runtime, "labels": _parse_labels(args.label),
-                                   "options": _run_options(args)})
+    request = {"id": args.id, "image": args.image, "snapshotter": args.snapshotter, "runtime": args.runtime,
+               "labels": _parse_labels(args.label), "options": _run_options(args)}
+    if task is not None:
+        request["task"] = task
+    client.call("containers.new", request)
 
 
 def cmd_containers_create(client: Client, args: argparse.Namespace) -> None:
@@ -197,13 +199,14 @@ def _remove_container(client: Client, container_id: str) -> None:
 
 
 def cmd_run(client: Client, args: argparse.Namespace) -> None:
-    _new_container(client, args)
+    stdin = not args.detach
+    created = False
     try:
-        created = False
-        stdin = not args.detach
-        # Created and started by one runtime process; what it writes before the attach below is held for it.
-        client.call("tasks.create", {"container_id": args.id, "start": True,
-                                     "stdio": {"stdin": stdin, "terminal": args.tty, "hold": stdin}})
+        # The container and its task in one call, created and started by one runtime process; what the
+        # task writes before the attach below is held for it. If the task fails, the daemon removes the
+        # container again.
+        _new_container(client, args, {"stdio": {"stdin": stdin, "terminal": args.tty, "hold": stdin},
+                                      "start": True})
         created = True
         if args.detach:
             sys.stdout.write(args.id + "\n")
@@ -215,15 +218,14 @@ def cmd_run(client: Client, args: argparse.Namespace) -> None:
             attachment.close()
         status = _wait_exit(client, args.id)
     except BaseException:
-        if args.rm or not created:
+        if args.rm and created:
             with contextlib.suppress(BerthError):
-                if created:
-                    client.call("tasks.kill", {"container_id": args.id, "signal": 9, "all": True})
-                    _wait_exit(client, args.id)
+                client.call("tasks.kill", {"container_id": args.id, "signal": 9, "all": True})
+                _wait_exit(client, args.id)
                 _remove_container(client, args.id)
         raise
-    if args.rm:
-        _remove_container(client, args.id)
+    if args.rm:  # the task, then the container and its snapshot, in one call
+        client.call("tasks.delete", {"container_id": args.id, "remove_container": True})
     _exit(status)
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import IMAGE, BerthdProcess
 
 from berth.client.sync import Client
-from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, NotFound
+from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, InvalidArgument, NotFound
 
 
 @pytest.fixture
@@ -271,3 +271,72 @@ def test_created_and_started_at_once_the_first_attach_gets_what_was_written_befo
     assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 0
     with pytest.raises(FailedPrecondition):
         client.call("tasks.start", {"container_id": cid})  # already started
+
+
+def test_containers_new_with_a_task_and_delete_with_the_container(containers: Containers, client: Client) -> None:
+    """``berth run``'s two calls: the container and its started task in one, the task and then the container
+    (with its snapshot) in one."""
+    cid = f"{containers.prefix}-both"[:76]
+    made = client.call("containers.new", {"id": cid, "image": IMAGE,
+                                          "options": {"args": ["sh", "-c", "echo hi; exit 4"]},
+                                          "task": {"start": True, "stdio": {"hold": True}}})
+    containers.made.append(cid)
+    assert made["container"]["id"] == cid
+    assert made["task"]["pid"] > 0
+    output = b"".join(item.get("stdout", b"") for item in client.stream("tasks.attach", {"container_id": cid}))
+    assert output == b"hi\n"
+    assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 4
+    with pytest.raises(InvalidArgument):
+        client.call("tasks.delete", {"container_id": cid, "exec_id": "x", "remove_container": True})
+    assert client.call("tasks.delete", {"container_id": cid, "remove_container": True})["exit_status"] == 4
+    for method, args in (("tasks.get", {"container_id": cid}), ("containers.get", {"id": cid}),
+                         ("snapshots.stat", {"key": cid})):
+        with pytest.raises(NotFound):
+            client.call(method, args)
+    assert "task" not in client.call("containers.new", {"id": cid, "image": IMAGE, "options": {"args": ["true"]}})
+
+
+def test_a_task_that_cannot_be_created_in_containers_new_leaves_no_container(
+        containers: Containers, client: Client) -> None:
+    cid = f"{containers.prefix}-missing"[:76]
+    with pytest.raises(BerthError) as raised:
+        client.call("containers.new", {"id": cid, "image": IMAGE, "options": {"args": ["/no/such/binary"]},
+                                       "task": {"start": True}})
+    assert "/no/such/binary" in str(raised.value)
+    for method, args in (("tasks.get", {"container_id": cid}), ("containers.get", {"id": cid}),
+                         ("snapshots.stat", {"key": cid})):
+        with pytest.raises(NotFound):
+            client.call(method, args)
+
+
+def test_users_resolve_from_an_images_kept_files(containers: Containers, client: Client,
+                                                 daemon: BerthdProcess) -> None:
+    """The first container of an image reads its /etc/passwd and /etc/group from a mounted rootfs and
+    keeps a copy; the next ones resolve the same users from the copy."""
+    users = []
+    for i in range(3):
+        cid = containers.new(f"user{i}", ["true"], user="nobody")
+        users.append(client.call("containers.get", {"id": cid})["container"]["spec"]["process"]["user"])
+    assert users == [{"uid": 65534, "gid": 65534, "additionalGids": [65534]}] * 3
+    kept = list((daemon.state / "io.berth.service.v1.tasks-service" / ".users").glob("*/etc/passwd"))
+    assert kept  # one per image and snapshotter
+    assert all(b"nobody:x:65534" in path.read_bytes() for path in kept)
+    with pytest.raises(NotFound):
+        containers.new("nouser", ["true"], user="no-such-user")
+
+
+def test_a_poststop_hook_still_finds_the_rootfs_mounted(containers: Containers, client: Client,
+                                                       daemon: BerthdProcess, tmp_path: Path) -> None:
+    """Deleting a stopped task unmounts its rootfs while the runtime deletes it, unless the spec has
+    poststop hooks (the runtime runs them at delete; they may read the rootfs)."""
+    cid = containers.new("hooked", ["true"])
+    spec = client.call("containers.get", {"id": cid})["container"]["spec"]
+    seen = tmp_path / "seen"
+    rootfs = daemon.state / "io.berth.service.v1.tasks-service" / "default" / cid / "rootfs"
+    script = f"ls {rootfs}/bin/busybox > {seen} 2>&1"
+    spec["hooks"] = {"poststop": [{"path": "/bin/sh", "args": ["sh", "-c", script]}]}
+    client.call("containers.update", {"container": {"id": cid, "spec": spec}, "update_mask": ["spec"]})
+    client.call("tasks.create", {"container_id": cid, "start": True})
+    assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 0
+    client.call("tasks.delete", {"container_id": cid})
+    assert seen.read_text().strip().endswith("rootfs/bin/busybox")

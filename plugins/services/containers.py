@@ -14,6 +14,7 @@ from berth.core.errdefs import BerthError, FailedPrecondition, NotFound
 from berth.core.events import Exchange
 from berth.core.metadata.containers import Container, ContainerStore, Runtime
 from berth.core.metadata.snapshots import NamespacedSnapshotter
+from berth.core.namespaces import namespace_required
 from berth.core.plugin import InitContext, PluginType, Registration, Registry, hookimpl
 from berth.core.rpc.args import typed_args
 from berth.core.rpc.server import Call, Handler
@@ -82,6 +83,29 @@ class TaskLookup(Protocol):
     async def forget_container(self, namespace: str, container_id: str) -> None: ...
 
 
+async def delete_container(store: ContainerStore, snapshotters: Mapping[str, NamespacedSnapshotter],
+                           container_id: str, *, snapshot_cleanup: bool, tasks: TaskLookup | None) -> None:
+    """Delete a container of the current namespace (refused while it has a task, as containerd's client
+    does), its directory of logs and ``/etc`` files, and with ``snapshot_cleanup`` its snapshot.
+
+    Raises: NotFound; FailedPrecondition (it has a task).
+    """
+    namespace = namespace_required()
+    if tasks is not None and tasks.has_task(namespace, container_id):
+        raise FailedPrecondition(f"container {container_id} has a task: delete the task first")
+    container = await store.delete(container_id)
+    if tasks is not None:
+        await tasks.forget_container(namespace, container_id)
+    if snapshot_cleanup and container.snapshot_key:
+        snapshotter = snapshotters.get(container.snapshotter)
+        if snapshotter is None:
+            log.warning("container_snapshot_not_removed", id=container.id, snapshotter=container.snapshotter,
+                        reason="snapshotter not loaded")
+        else:
+            with contextlib.suppress(NotFound):  # already gone: nothing to clean
+                await snapshotter.remove(container.snapshot_key)
+
+
 class ContainersRPC:
     def __init__(self, store: ContainerStore, snapshotters: Mapping[str, NamespacedSnapshotter],
                  tasks: TaskLookup | None = None) -> None:
@@ -107,21 +131,8 @@ class ContainersRPC:
 
     @typed_args(DeleteArgs)
     async def delete(self, call: Call, args: DeleteArgs) -> dict[str, Any]:
-        """Delete a container (refused while it has a task, as containerd's client does), its
-        directory of logs and ``/etc`` files, and with ``snapshot_cleanup`` its snapshot."""
-        if self.tasks is not None and self.tasks.has_task(call.namespace, args.id):
-            raise FailedPrecondition(f"container {args.id} has a task: delete the task first")
-        container = await self.store.delete(args.id)
-        if self.tasks is not None:
-            await self.tasks.forget_container(call.namespace, args.id)
-        if args.snapshot_cleanup and container.snapshot_key:
-            snapshotter = self.snapshotters.get(container.snapshotter)
-            if snapshotter is None:
-                log.warning("container_snapshot_not_removed", id=container.id, snapshotter=container.snapshotter,
-                            reason="snapshotter not loaded")
-            else:
-                with contextlib.suppress(NotFound):  # already gone: nothing to clean
-                    await snapshotter.remove(container.snapshot_key)
+        await delete_container(self.store, self.snapshotters, args.id, snapshot_cleanup=args.snapshot_cleanup,
+                               tasks=self.tasks)
         return {}
 
     def rpc_methods(self) -> Mapping[str, Handler]:

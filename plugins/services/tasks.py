@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -46,14 +47,18 @@ from berth.core.metadata.images import ImageStore
 from berth.core.metadata.leases import LeaseManager
 from berth.core.namespaces import namespace_required, with_lease
 from berth.core.network import Network, NetworkRequest, PortMapping
+from berth.core.oci import Descriptor
 from berth.core.plugin import InitContext, PluginType, Registration, Registry, hookimpl
 from berth.core.rpc.args import typed_args
 from berth.core.rpc.server import Call, Handler, streaming
 from berth.core.snapshots.mount import mount_all, unmount_all
+from berth.core.snapshots.snapshotter import Mount
 from berth.plugins.gc.scheduler import Scheduler
-from berth.plugins.images.tree import image_config
+from berth.plugins.images.tree import ImageConfig, image_config
 from berth.plugins.metadata.plugin import Metadata
-from berth.runtimes.oci import SpecOptions, apply_spec_adjustments, generate_spec, parse_mount
+from berth.plugins.services.containers import delete_container
+from berth.runtimes.oci import SpecOptions, apply_spec_adjustments, build_spec, parse_mount
+from berth.runtimes.oci.user import MAX_FILE_SIZE, read_in_root
 from berth.runtimes.runc.command import RuntimeBinary
 from berth.runtimes.shim.manager import Shim, ShimManager
 from berth.runtimes.shim.service import read_exit_record
@@ -67,6 +72,11 @@ NETWORK_EXTENSION = "berth.io/network"
 #: The exit status of a task whose shim died without recording one (containerd reports 255 too).
 UNKNOWN_EXIT = 255
 _LOG_CHUNK = 64 * 1024
+#: Images whose ``/etc/passwd`` and ``/etc/group`` the daemon keeps (in ``<state>/.users``) to resolve the
+#: user of their next containers without mounting a rootfs.
+USER_FILES_KEPT = 64
+#: Images whose resolved config (manifest, config document, top chain ID) the daemon keeps in memory.
+IMAGE_CONFIGS_KEPT = 64
 
 
 @dataclass(kw_only=True)
@@ -169,7 +179,7 @@ class TaskService:
     def __init__(self, *, config: Config, metadata: Metadata, containers: ContainerStore, images: ImageStore,
                  leases: LeaseManager, exchange: Exchange, runtimes: Mapping[str, RuntimeBinary], state: Path,
                  root: Path, nursery: trio.Nursery, hooks: pluggy.PluginManager | None,
-                 network: Network | None = None) -> None:
+                 network: Network | None = None, quiet_leases: LeaseManager | None = None) -> None:
         self.config = config
         self.network = network
         self.metadata = metadata
@@ -185,6 +195,11 @@ class TaskService:
         self.shims = ShimManager(directory=state / "shims", socket_dir=Path(config.shim_socket_dir),
                                  exchange=exchange, nursery=nursery, on_gone=self._shim_gone)
         self._create_locks: dict[tuple[str, str], trio.Lock] = {}
+        #: ``(namespace, digest, media type)`` of an image's target → what it resolves to.
+        self._image_configs: dict[tuple[str, str, str], ImageConfig] = {}
+        #: ``(namespace, snapshotter, chain id, its creation time)`` → the image's user files, kept.
+        self._user_files: dict[tuple[str, str, str, float], Path] = {}
+        self._quiet_leases = quiet_leases or leases
         self._nursery = nursery
         #: Per group: creates in progress, and the pending idle shutdown's cancel scope.
         self._creating: dict[str, int] = {}
@@ -197,7 +212,7 @@ class TaskService:
     async def load(self) -> None:
         """Find the tasks of a previous run: reconnect to their shims, in parallel, each within
         ``shim_load_timeout``; report those whose shim is gone as stopped. Scratch mounts that a crash in
-        ``containers.new`` left are removed."""
+        ``containers.new`` left are removed, and the images' user files a previous run kept."""
         await trio.to_thread.run_sync(self._remove_scratch_mounts)
         records = await trio.to_thread.run_sync(self._read_records)
         groups = sorted({r.group for r in records} | set(self.shims.existing_groups()))
@@ -238,6 +253,7 @@ class TaskService:
                 scratch.rmdir()
             except OSError as err:
                 log.warning("scratch_mount_not_removed", path=str(scratch), error=str(err))
+        shutil.rmtree(self.state / ".users", ignore_errors=True)  # user files of a previous run's images
 
     def _read_records(self) -> list[TaskRecord]:
         records = []
@@ -311,14 +327,31 @@ class TaskService:
     # ------------------------------------------------------------------ containers
 
     async def new_container(self, container_id: str, image_name: str, *, options: RunOptions,
-                            snapshotter: str = "", runtime: str = "", labels: Mapping[str, str] | None = None
-                            ) -> Container:
+                            snapshotter: str = "", runtime: str = "", labels: Mapping[str, str] | None = None,
+                            task: StdioArgs | None = None, start: bool = False) -> tuple[Container, dict[str, Any]]:
         """Make a container from an image: a snapshot prepared on the image's top layer (key: the
-        container id) and the spec generated from the image's config and ``options``.
+        container id) and the spec generated from the image's config and ``options``. With ``task``
+        (its stdio), create its task too, as :meth:`create` does (``start``: started as well); if that
+        fails, the container is removed again. Returns the container and the task's ``{"pid"}`` (``{}``
+        without ``task``).
 
         Raises: NotFound (image, snapshotter, runtime, user); AlreadyExists; FailedPrecondition when
-        the image is not unpacked in the snapshotter; InvalidArgument for bad options.
+        the image is not unpacked in the snapshotter; InvalidArgument for bad options; with ``task``,
+        what :meth:`create` raises.
         """
+        container, mounts = await self._new_container(container_id, image_name, options=options,
+                                                       snapshotter=snapshotter, runtime=runtime, labels=labels)
+        if task is None:
+            return container, {}
+        try:
+            return container, await self.create(container_id, task, start=start, container=container, rootfs=mounts)
+        except BaseException:
+            with trio.CancelScope(shield=True), contextlib.suppress(BerthError):
+                await self.remove_container(container_id)
+            raise
+
+    async def _new_container(self, container_id: str, image_name: str, *, options: RunOptions, snapshotter: str,
+                             runtime: str, labels: Mapping[str, str] | None) -> tuple[Container, list[Mount]]:
         namespace = namespace_required()
         validate_identifier(container_id, "container id")
         runtime_name = self._runtime(runtime).name
@@ -327,9 +360,9 @@ class TaskService:
         if snapshots is None:
             raise NotFound(f"snapshotter {snapshotter_name!r} is not loaded")
         image = await self.images.get(image_name)
-        resolved = await image_config(self.metadata.content, image.target)
+        resolved = await self._image_config(namespace, image.target)
         try:
-            await snapshots.stat(resolved.chain_id)
+            top = await snapshots.stat(resolved.chain_id)
         except NotFound:
             raise FailedPrecondition(f"image {image_name} is not unpacked in snapshotter {snapshotter_name} "
                                      f"(pull or import it with --snapshotter {snapshotter_name})") from None
@@ -343,24 +376,21 @@ class TaskService:
         lease_id = f"new-container-{uuid.uuid4().hex[:16]}"
         await self.leases.create(lease_id, {"berth.io/container": container_id}, expires_in=3600)
         prepared = False
+        user_key = (namespace, snapshotter_name, resolved.chain_id, top.created_at)
         try:
             with with_lease(lease_id):
                 mounts = await snapshots.prepare(container_id, resolved.chain_id)
                 prepared = True
-                scratch = self.state / ".spec" / uuid.uuid4().hex
-                await trio.to_thread.run_sync(lambda: scratch.mkdir(parents=True))
-                try:
-                    await trio.to_thread.run_sync(mount_all, mounts, scratch)
-                    try:
-                        spec = await generate_spec(container_id, resolved.config, spec_options,
-                                                   namespace=namespace, rootfs=scratch)
-                        if options.network == "host":
-                            spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"]
-                                                           if n["type"] != "network"]
-                    finally:
-                        await trio.to_thread.run_sync(unmount_all, scratch)
-                finally:
-                    await trio.to_thread.run_sync(scratch.rmdir)
+                user_files = self._user_files.get(user_key)
+                keep_as = None
+                if user_files is None and len(self._user_files) < USER_FILES_KEPT:
+                    keep_as = self.state / ".users" / hashlib.sha256(repr(user_key).encode()).hexdigest()[:32]
+                spec, kept = await trio.to_thread.run_sync(self._build_spec, container_id, resolved.config,
+                                                           spec_options, namespace, mounts, user_files, keep_as)
+                if kept and keep_as is not None:
+                    self._user_files[user_key] = keep_as
+                if options.network == "host":
+                    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
                 container = await self.containers.create(Container(
                     id=container_id, runtime=Runtime(name=runtime_name), labels=dict(labels or {}),
                     image=image.name, spec=spec, snapshotter=snapshotter_name, snapshot_key=container_id,
@@ -374,8 +404,45 @@ class TaskService:
                     lambda: shutil.rmtree(self.container_dir(namespace, container_id), ignore_errors=True))
                 await self.leases.delete(lease_id)
             raise
-        await self.leases.delete(lease_id)
-        return container
+        # What the lease held (the snapshot) the container holds now: nothing became garbage, so this
+        # deletion does not wake the garbage collector (the failure path above does).
+        await self._quiet_leases.delete(lease_id)
+        return container, mounts
+
+    async def _image_config(self, namespace: str, target: Descriptor) -> ImageConfig:
+        """The image's config and top chain ID, read from the content store once per image: blobs are
+        named by their digest, so what one resolves to never changes."""
+        key = (namespace, target.digest, target.media_type)
+        resolved = self._image_configs.get(key)
+        if resolved is None:
+            resolved = await image_config(self.metadata.content, target)
+            if len(self._image_configs) >= IMAGE_CONFIGS_KEPT:
+                del self._image_configs[next(iter(self._image_configs))]  # the oldest
+            self._image_configs[key] = resolved
+        return resolved
+
+    def _build_spec(self, container_id: str, image_config: Mapping[str, Any], options: SpecOptions, namespace: str,
+                    mounts: list[Mount], user_files: Path | None, keep_as: Path | None) -> tuple[dict[str, Any], bool]:
+        """The container's spec (blocking: run it in a worker thread), its user resolved through
+        ``user_files`` (a directory holding the image's ``etc/passwd`` and ``etc/group``) if given, else
+        through the rootfs mounted on a scratch directory, whose two files are then copied to ``keep_as``
+        (if given) for the next containers of the image; also whether they were."""
+        if user_files is not None and user_files.is_dir():
+            return build_spec(container_id, image_config, options, namespace=namespace, rootfs=user_files), False
+        scratch = self.state / ".spec" / uuid.uuid4().hex
+        scratch.mkdir(parents=True)
+        kept = False
+        try:
+            mount_all(mounts, scratch)
+            try:
+                spec = build_spec(container_id, image_config, options, namespace=namespace, rootfs=scratch)
+                if keep_as is not None:
+                    kept = _keep_user_files(scratch, keep_as)
+            finally:
+                unmount_all(scratch)
+        finally:
+            scratch.rmdir()
+        return spec, kept
 
     async def _network_request(self, namespace: str, container_id: str, options: RunOptions,
                                spec_options: SpecOptions) -> NetworkRequest | None:
@@ -423,9 +490,11 @@ class TaskService:
             return f"{namespace}.{container.id}"[:76]
         return namespace
 
-    async def create(self, container_id: str, stdio: StdioArgs, *, start: bool = False) -> dict[str, Any]:
+    async def create(self, container_id: str, stdio: StdioArgs, *, start: bool = False,
+                     container: Container | None = None, rootfs: list[Mount] | None = None) -> dict[str, Any]:
         """Create the task of a container (its init blocked until :meth:`start`, or started at once with
-        ``start``: one runtime process instead of two); return its pid.
+        ``start``: one runtime process instead of two); return its pid. ``container`` and ``rootfs`` (its
+        snapshot's mounts) spare reading them again when the caller has them.
 
         Raises: NotFound (container, runtime, snapshot); AlreadyExists (a task exists); the shim's and
         the runtime's errors (nothing is left behind then).
@@ -435,34 +504,33 @@ class TaskService:
         async with self._create_locks.setdefault(key, trio.Lock()):
             if key in self.records:
                 raise AlreadyExists(f"task for container {container_id} already exists")
-            container = await self.containers.get(container_id)
+            if container is None:
+                container = await self.containers.get(container_id)
             runtime = self._runtime(container.runtime.name)
             runtime = dataclasses.replace(runtime, root=str(Path(runtime.root) / namespace))
-            rootfs: list[dict[str, Any]] = []
-            if container.snapshot_key:
-                snapshots = self.metadata.snapshotters.get(container.snapshotter)
-                if snapshots is None:
-                    raise NotFound(f"snapshotter {container.snapshotter!r} of container {container_id} is not loaded")
-                rootfs = [m.to_wire() for m in await snapshots.mounts(container.snapshot_key)]
-            spec = json.loads(json.dumps(container.spec))
-            if isinstance(spec.get("process"), dict):  # the task's stdio decides, as for an exec process
-                spec["process"]["terminal"] = stdio.terminal
-            if self.hooks is not None:
-                spec = await trio.to_thread.run_sync(apply_spec_adjustments, self.hooks, spec, container)
+            if rootfs is None:
+                rootfs = []
+                if container.snapshot_key:
+                    snapshots = self.metadata.snapshotters.get(container.snapshotter)
+                    if snapshots is None:
+                        raise NotFound(f"snapshotter {container.snapshotter!r} of container {container_id} is not "
+                                       f"loaded")
+                    rootfs = await snapshots.mounts(container.snapshot_key)
             bundle = self.state / namespace / container_id
             log_path = ""
             if stdio.log:
                 log_path = str(self.container_dir(namespace, container_id) / "log")
             record = TaskRecord(namespace=namespace, id=container_id, group=self._group(namespace, container),
                                 runtime=runtime, bundle=bundle, log=log_path)
-            await trio.to_thread.run_sync(self._write_bundle, record, spec)
+            await trio.to_thread.run_sync(self._write_bundle, record, container, stdio.terminal)
             shim: Shim | None = None
             self._hold_group(record.group)
             try:
                 await self._attach_network(namespace, container)
                 shim = await self.shims.get(record.group)
                 result = await shim.call("create", {
-                    "id": container_id, "bundle": str(bundle), "runtime": runtime.to_wire(), "rootfs": rootfs,
+                    "id": container_id, "bundle": str(bundle), "runtime": runtime.to_wire(),
+                    "rootfs": [m.to_wire() for m in rootfs],
                     "stdio": {"stdin": stdio.stdin, "terminal": stdio.terminal, "log": log_path,
                               "stdin_fifo": stdio.stdin_fifo, "stdout_fifo": stdio.stdout_fifo,
                               "stderr_fifo": stdio.stderr_fifo, "hold": stdio.hold}, "start": start},
@@ -530,7 +598,18 @@ class TaskService:
         except BerthError as err:
             log.warning("network_detach_failed", container_id=container_id, namespace=namespace, error=str(err))
 
-    def _write_bundle(self, record: TaskRecord, spec: dict[str, Any]) -> None:
+    def _write_bundle(self, record: TaskRecord, container: Container, terminal: bool) -> None:
+        """Write the bundle (blocking): ``config.json`` is the container's spec with ``process.terminal``
+        as the task's stdio says (as for an exec process) and the plugins' adjustments."""
+        spec = container.spec
+        adjust = self.hooks is not None and bool(self.hooks.hook.berth_adjust_spec.get_hookimpls())
+        if adjust:
+            spec = json.loads(json.dumps(spec))  # the plugins change it in place
+        if isinstance(spec.get("process"), dict):
+            spec = {**spec, "process": {**spec["process"], "terminal": terminal}}
+        if adjust:
+            assert self.hooks is not None
+            spec = apply_spec_adjustments(self.hooks, spec, container)
         if record.bundle.exists():  # left by a crash between writing it and creating the task
             unmount_all(record.bundle / "rootfs")
             shutil.rmtree(record.bundle)
@@ -586,13 +665,17 @@ class TaskService:
             "stdio": {"stdin": stdio.stdin, "terminal": stdio.terminal, "stdin_fifo": stdio.stdin_fifo,
                       "stdout_fifo": stdio.stdout_fifo, "stderr_fifo": stdio.stderr_fifo}})
 
-    async def delete(self, container_id: str, exec_id: str = "") -> dict[str, Any]:
-        """Delete a stopped process; for the init, the whole task. Returns its exit status.
+    async def delete(self, container_id: str, exec_id: str = "", *, remove_container: bool = False) -> dict[str, Any]:
+        """Delete a stopped process; for the init, the whole task, and with ``remove_container`` then the
+        container too, as :meth:`remove_container` does (``berth run --rm``: one call). Returns its exit
+        status.
 
-        Raises: FailedPrecondition while it runs.
+        Raises: FailedPrecondition while it runs; InvalidArgument for ``remove_container`` with an exec id.
         """
         record = self._record(container_id)
         if exec_id:
+            if remove_container:
+                raise InvalidArgument("remove_container deletes a task's init, not an exec process")
             return await self._call(container_id, "delete", {"exec_id": exec_id})  # type: ignore[no-any-return]
         if record.lost is not None:
             result = dict(record.lost)
@@ -610,7 +693,15 @@ class TaskService:
             del self.records[(record.namespace, record.id)]
         await self._detach_network(record.namespace, record.id)
         self._release_group(record.group)
+        if remove_container:
+            await self.remove_container(container_id)
         return result
+
+    async def remove_container(self, container_id: str) -> None:
+        """Delete a container that has no task, with its directory and its snapshot (``containers.delete``
+        with ``snapshot_cleanup``). Raises: NotFound; FailedPrecondition (it has a task)."""
+        await delete_container(self.containers, self.metadata.snapshotters, container_id, snapshot_cleanup=True,
+                               tasks=self)
 
     async def pause(self, container_id: str) -> None:
         await self._call(container_id, "pause", {})
@@ -769,6 +860,33 @@ class TaskService:
         await trio.to_thread.run_sync(remove)
 
 
+def _keep_user_files(rootfs: Path, target: Path) -> bool:
+    """Copy ``etc/passwd`` and ``etc/group`` of ``rootfs`` as the user resolution reads them (symlinks
+    resolved inside it, regular files only) to ``target/etc``, which appears whole or not at all; return
+    whether ``target`` holds them now (not when they cannot be kept as read: too large, a symlink loop,
+    no space)."""
+    files: dict[str, bytes] = {}
+    try:
+        for name in ("passwd", "group"):
+            text = read_in_root(rootfs, f"etc/{name}")
+            if text is not None:
+                files[name] = text.encode()
+                if len(files[name]) > MAX_FILE_SIZE:
+                    return False
+    except BerthError:
+        return False
+    partial = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        (partial / "etc").mkdir(parents=True)
+        for name, data in files.items():
+            (partial / "etc" / name).write_bytes(data)
+        partial.rename(target)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        return target.is_dir()  # made meanwhile by a container of the same image
+    return True
+
+
 def parse_port(text: str) -> PortMapping:
     """``[HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]`` (the host IP defaults to 127.0.0.1).
 
@@ -807,6 +925,12 @@ def _write_network_files(etc: Path, hostname: str, addresses: list[str], dns: li
 
 
 @dataclass(kw_only=True)
+class NewTaskArgs:
+    stdio: StdioArgs = field(default_factory=StdioArgs)
+    start: bool = False
+
+
+@dataclass(kw_only=True)
 class NewContainerArgs:
     id: str
     image: str
@@ -814,6 +938,8 @@ class NewContainerArgs:
     runtime: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     options: RunOptions = field(default_factory=RunOptions)
+    #: Create the container's task too (as ``tasks.create`` with these arguments): one call for ``berth run``.
+    task: NewTaskArgs | None = None
 
 
 @dataclass(kw_only=True)
@@ -828,6 +954,14 @@ class CreateArgs:
 class ProcessArgs:
     container_id: str
     exec_id: str = ""
+
+
+@dataclass(kw_only=True)
+class DeleteArgs:
+    container_id: str
+    exec_id: str = ""
+    #: Delete the container as well, with its snapshot (``berth run --rm``: one call).
+    remove_container: bool = False
 
 
 @dataclass(kw_only=True)
@@ -884,10 +1018,11 @@ class TasksRPC:
 
     @typed_args(NewContainerArgs)
     async def new_container(self, call: Call, args: NewContainerArgs) -> dict[str, Any]:
-        container = await self.service.new_container(args.id, args.image, options=args.options,
-                                                     snapshotter=args.snapshotter, runtime=args.runtime,
-                                                     labels=args.labels)
-        return {"container": container.to_wire()}
+        container, task = await self.service.new_container(
+            args.id, args.image, options=args.options, snapshotter=args.snapshotter, runtime=args.runtime,
+            labels=args.labels, task=args.task.stdio if args.task is not None else None,
+            start=args.task is not None and args.task.start)
+        return {"container": container.to_wire(), **({"task": task} if args.task is not None else {})}
 
     @typed_args(CreateArgs)
     async def create(self, call: Call, args: CreateArgs) -> dict[str, Any]:
@@ -911,9 +1046,9 @@ class TasksRPC:
         await self.service.exec(args.container_id, args.exec_id, args.process, args.stdio)
         return {}
 
-    @typed_args(ProcessArgs)
-    async def delete(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
-        return await self.service.delete(args.container_id, args.exec_id)
+    @typed_args(DeleteArgs)
+    async def delete(self, call: Call, args: DeleteArgs) -> dict[str, Any]:
+        return await self.service.delete(args.container_id, args.exec_id, remove_container=args.remove_container)
 
     @typed_args(ProcessArgs)
     async def pause(self, call: Call, args: ProcessArgs) -> dict[str, Any]:
@@ -1002,7 +1137,8 @@ async def init_service(ic: InitContext) -> TaskService:
                           containers=ContainerStore(metadata.db, exchange.publish, on_delete=metadata.notify_deletion),
                           images=ImageStore(metadata.db, exchange.publish, collect=scheduler.collect_now,
                                             on_delete=metadata.notify_deletion),
-                          leases=ic.get_single(PluginType.LEASE), exchange=exchange,
+                          leases=ic.get_single(PluginType.LEASE), quiet_leases=LeaseManager(metadata.db),
+                          exchange=exchange,
                           runtimes=runtimes, state=ic.state, root=ic.root, nursery=ic.nursery, hooks=ic.hooks)
     ic.meta.exports.update({"runtimes": ",".join(sorted(runtimes)), "default_runtime": config.default_runtime})
     await service.load()
