@@ -57,13 +57,11 @@ def _oom_kills(directory: Path, name: str = "memory.events") -> int | None:
 async def watch_oom(pid: int, on_oom: Callable[[], None]) -> None:
     """Call ``on_oom()`` each time a process in ``pid``'s memory cgroup is OOM-killed, until cancelled or
     the cgroup goes. Returns at once when the memory controller is not available."""
-    found = await trio.to_thread.run_sync(memory_cgroup, pid)
-    if found is None:
+    watch = await trio.to_thread.run_sync(_open_watch, pid)  # one worker thread trip for the set-up
+    if watch is None:
         return
-    directory, version = found
+    directory, version, efd, seen = watch
     if version == 2:
-        first = await trio.to_thread.run_sync(_oom_kills, directory)
-        seen = first or 0
         while True:
             await trio.sleep(V2_POLL_INTERVAL)
             count = await trio.to_thread.run_sync(_oom_kills, directory)
@@ -72,14 +70,8 @@ async def watch_oom(pid: int, on_oom: Callable[[], None]) -> None:
             if count > seen:
                 seen = count
                 on_oom()
+    assert efd is not None
     try:
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    except OSError:
-        return
-    try:
-        await trio.to_thread.run_sync(_register_v1, directory, efd)
-        first = await trio.to_thread.run_sync(_oom_kills, directory, "memory.oom_control")
-        seen = first or 0
         while True:
             await trio.lowlevel.wait_readable(efd)
             try:
@@ -98,6 +90,27 @@ async def watch_oom(pid: int, on_oom: Callable[[], None]) -> None:
         return
     finally:
         os.close(efd)
+
+
+def _open_watch(pid: int) -> tuple[Path, int, int | None, int] | None:
+    """``(directory, version, eventfd (v1), kills so far)`` of ``pid``'s memory cgroup, the eventfd
+    registered; ``None`` when there is nothing to watch. Blocking."""
+    found = memory_cgroup(pid)
+    if found is None:
+        return None
+    directory, version = found
+    if version == 2:
+        return directory, 2, None, _oom_kills(directory) or 0
+    try:
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        _register_v1(directory, efd)
+        return directory, 1, efd, _oom_kills(directory, "memory.oom_control") or 0
+    except OSError:
+        os.close(efd)
+        return None
 
 
 def _register_v1(directory: Path, efd: int) -> None:

@@ -99,23 +99,26 @@ class Task:
                 "execs": [p.to_wire() for p in self.execs.values()]}
 
 
-def _mount_rootfs(mounts: list[Mount], target: Path) -> None:
-    target.mkdir(exist_ok=True)
-    mount_all(mounts, target)
+def _prepare_bundle(bundle: Path, rootfs: list[Mount]) -> tuple[bool, bool]:
+    """Check the bundle has a ``config.json`` and mount ``rootfs`` (if any) on ``<bundle>/rootfs``; return
+    whether the spec has ``poststop`` hooks and whether anything was mounted. Blocking.
 
-
-def _poststop_hooks(bundle: Path) -> bool | None:
-    """Whether the bundle's ``config.json`` has ``poststop`` hooks; ``None`` when it has no readable one."""
+    Raises: InvalidArgument (no config.json); OSError from the mounts.
+    """
     try:
         data = (bundle / "config.json").read_bytes()
     except OSError:
-        return None
+        raise InvalidArgument(f"bundle {bundle}: no config.json") from None
     try:
         spec = json.loads(data)
     except ValueError:
-        return False  # the runtime says what is wrong with it
+        spec = {}  # the runtime says what is wrong with it
     hooks = spec.get("hooks") if isinstance(spec, dict) else None
-    return bool(hooks.get("poststop")) if isinstance(hooks, dict) else False
+    poststop = bool(hooks.get("poststop")) if isinstance(hooks, dict) else False
+    if rootfs:
+        (bundle / "rootfs").mkdir(exist_ok=True)
+        mount_all(rootfs, bundle / "rootfs")
+    return poststop, bool(rootfs)
 
 
 def write_exit_record(bundle: Path, exit_status: int, exited_at: float) -> None:
@@ -319,22 +322,20 @@ class ShimService:
         if key in self.tasks:
             raise AlreadyExists(f"task {args.id} already exists in namespace {call.namespace}")
         bundle = Path(args.bundle)
-        self._warm_up.start(self.nursery)  # the runtime moves the init into its cgroups in some 10-30 ms
-        poststop_hooks = await trio.to_thread.run_sync(_poststop_hooks, bundle) if bundle.is_absolute() else None
-        if poststop_hooks is None:
+        if not bundle.is_absolute():
             raise InvalidArgument(f"bundle {bundle}: no config.json")
+        self._warm_up.start(self.nursery)  # the runtime moves the init into its cgroups in some 10-30 ms
         stdio = StdioConfig.from_wire(args.stdio)
         runtime = RuncCommand(RuntimeBinary.from_wire(args.runtime), self.reaper)
         rootfs = [Mount.from_wire(m) for m in args.rootfs]
-        task = Task(call.namespace, args.id, bundle, runtime, Process("", ProcessIO(stdio)),
-                    poststop_hooks=poststop_hooks)
+        task = Task(call.namespace, args.id, bundle, runtime, Process("", ProcessIO(stdio)))
         self.tasks[key] = task
         created = False
         try:
             async with task.lock:
-                if rootfs:
-                    await trio.to_thread.run_sync(_mount_rootfs, rootfs, bundle / "rootfs")
-                    task.rootfs_mounted = True
+                # One worker thread trip: the bundle's config.json looked at, then the rootfs mounted.
+                task.poststop_hooks, task.rootfs_mounted = await trio.to_thread.run_sync(_prepare_bundle, bundle,
+                                                                                         rootfs)
                 console = None
                 if stdio.terminal:
                     console = task.init.io.console_socket(self._console_path(f"{call.namespace}/{args.id}"))
