@@ -340,3 +340,20 @@ def test_a_poststop_hook_still_finds_the_rootfs_mounted(containers: Containers, 
     assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 0
     client.call("tasks.delete", {"container_id": cid})
     assert seen.read_text().strip().endswith("rootfs/bin/busybox")
+
+
+def test_a_snapshot_in_the_way_leaves_no_container(containers: Containers, client: Client,
+                                                   daemon: BerthdProcess) -> None:
+    """With the image's user files kept, the container is recorded before its snapshot is prepared: if
+    that fails (a snapshot of that name exists), the container goes again."""
+    containers.new("first", ["true"])  # the image's user files are kept from here on
+    cid = f"{containers.prefix}-blocked"[:76]
+    client.call("snapshots.prepare", {"key": cid})
+    try:
+        with pytest.raises(AlreadyExists):
+            client.call("containers.new", {"id": cid, "image": IMAGE, "options": {"args": ["true"]}})
+        with pytest.raises(NotFound):
+            client.call("containers.get", {"id": cid})
+        assert not (daemon.root / "io.berth.service.v1.tasks-service" / "default" / cid).exists()  # its /etc files
+    finally:
+        client.call("snapshots.remove", {"key": cid})

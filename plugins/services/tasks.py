@@ -373,35 +373,59 @@ class TaskService:
         spec_options.etc_dir = self.container_dir(namespace, container_id) / "etc"
         request = await self._network_request(namespace, container_id, options, spec_options)
         extensions = {NETWORK_EXTENSION: request.to_wire()} if request is not None else {}
+
+        def record(spec: dict[str, Any]) -> Container:
+            if options.network == "host":
+                spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
+            return Container(id=container_id, runtime=Runtime(name=runtime_name), labels=dict(labels or {}),
+                             image=image.name, spec=spec, snapshotter=snapshotter_name, snapshot_key=container_id,
+                             extensions=extensions)
+
+        async def forget() -> None:
+            await trio.to_thread.run_sync(
+                lambda: shutil.rmtree(self.container_dir(namespace, container_id), ignore_errors=True))
+
+        user_key = (namespace, snapshotter_name, resolved.chain_id, top.created_at)
+        user_files = self._user_files.get(user_key)
+        if user_files is not None:
+            # The image's user files are kept: the spec needs no rootfs, so the container is recorded first
+            # and its snapshot prepared after, held by it from the start (no lease to make and delete).
+            container: Container | None = None
+            try:
+                kept_spec = await trio.to_thread.run_sync(self._build_spec_from, container_id, resolved.config,
+                                                          spec_options, namespace, user_files)
+                if kept_spec is not None:
+                    container = await self.containers.create(record(kept_spec))
+                    return container, await snapshots.prepare(container_id, resolved.chain_id)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    if container is not None:
+                        with contextlib.suppress(BerthError):
+                            await self.containers.delete(container_id)
+                    await forget()
+                raise
+            self._user_files.pop(user_key, None)  # the copy went away: read the rootfs again
         lease_id = f"new-container-{uuid.uuid4().hex[:16]}"
         await self.leases.create(lease_id, {"berth.io/container": container_id}, expires_in=3600)
         prepared = False
-        user_key = (namespace, snapshotter_name, resolved.chain_id, top.created_at)
         try:
             with with_lease(lease_id):
                 mounts = await snapshots.prepare(container_id, resolved.chain_id)
                 prepared = True
-                user_files = self._user_files.get(user_key)
                 keep_as = None
-                if user_files is None and len(self._user_files) < USER_FILES_KEPT:
+                if len(self._user_files) < USER_FILES_KEPT:
                     keep_as = self.state / ".users" / hashlib.sha256(repr(user_key).encode()).hexdigest()[:32]
                 spec, kept = await trio.to_thread.run_sync(self._build_spec, container_id, resolved.config,
-                                                           spec_options, namespace, mounts, user_files, keep_as)
+                                                           spec_options, namespace, mounts, keep_as)
                 if kept and keep_as is not None:
                     self._user_files[user_key] = keep_as
-                if options.network == "host":
-                    spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
-                container = await self.containers.create(Container(
-                    id=container_id, runtime=Runtime(name=runtime_name), labels=dict(labels or {}),
-                    image=image.name, spec=spec, snapshotter=snapshotter_name, snapshot_key=container_id,
-                    extensions=extensions))
+                container = await self.containers.create(record(spec))
         except BaseException:
             with trio.CancelScope(shield=True):
                 if prepared:
                     with contextlib.suppress(BerthError):
                         await snapshots.remove(container_id)
-                await trio.to_thread.run_sync(
-                    lambda: shutil.rmtree(self.container_dir(namespace, container_id), ignore_errors=True))
+                await forget()
                 await self.leases.delete(lease_id)
             raise
         # What the lease held (the snapshot) the container holds now: nothing became garbage, so this
@@ -421,14 +445,20 @@ class TaskService:
             self._image_configs[key] = resolved
         return resolved
 
+    @staticmethod
+    def _build_spec_from(container_id: str, image_config: Mapping[str, Any], options: SpecOptions, namespace: str,
+                         user_files: Path) -> dict[str, Any] | None:
+        """The container's spec, its user resolved through ``user_files`` (a directory holding the image's
+        ``etc/passwd`` and ``etc/group``); ``None`` if that directory is gone. Blocking."""
+        if not user_files.is_dir():
+            return None
+        return build_spec(container_id, image_config, options, namespace=namespace, rootfs=user_files)
+
     def _build_spec(self, container_id: str, image_config: Mapping[str, Any], options: SpecOptions, namespace: str,
-                    mounts: list[Mount], user_files: Path | None, keep_as: Path | None) -> tuple[dict[str, Any], bool]:
-        """The container's spec (blocking: run it in a worker thread), its user resolved through
-        ``user_files`` (a directory holding the image's ``etc/passwd`` and ``etc/group``) if given, else
-        through the rootfs mounted on a scratch directory, whose two files are then copied to ``keep_as``
-        (if given) for the next containers of the image; also whether they were."""
-        if user_files is not None and user_files.is_dir():
-            return build_spec(container_id, image_config, options, namespace=namespace, rootfs=user_files), False
+                    mounts: list[Mount], keep_as: Path | None) -> tuple[dict[str, Any], bool]:
+        """The container's spec, its user resolved through the rootfs mounted on a scratch directory, whose
+        ``etc/passwd`` and ``etc/group`` are then copied to ``keep_as`` (if given) for the next containers
+        of the image; also whether they were. Blocking."""
         scratch = self.state / ".spec" / uuid.uuid4().hex
         scratch.mkdir(parents=True)
         kept = False
