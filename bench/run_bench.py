@@ -1,7 +1,7 @@
 """Running containers, side by side with containerd: ``berth run`` against ``ctr run``, and what the
 supervising shims cost in memory.
 
-    python3 bench/run_bench.py [--runs 20] [--containers 20]
+    python3 bench/run_bench.py [--runs 20] [--containers 20] [--rounds 3]
 
 1. ``berth run --rm IMAGE ID /bin/true`` as a whole CLI process (warm command server, warm group
    shim) and ``ctr run --rm IMAGE ID /bin/true`` against a private containerd (Debian's 1.6, runc),
@@ -11,6 +11,7 @@ supervising shims cost in memory.
 3. ``--containers`` (20) detached ``sleep`` containers started at once (concurrent CLI processes) in
    each; the RSS and PSS (``smaps_rollup``) of what supervises them (berth's group shim against
    containerd's ``containerd-shim-runc-v2`` per container) and of the daemons; then all removed at once.
+   ``--rounds`` (3) times, which peer goes first swapped every round; medians.
 
 JSON to bench/results/. Needs root. Everything started here is stopped by PID at the end.
 """
@@ -94,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--containers", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="bursts of --containers started and removed")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="berth-run-bench-"))
     #: The namespaces' parent cgroups the runtimes leave (containerd's /default, berth's /berth/default).
@@ -127,34 +129,34 @@ def main() -> None:
         if peer is not None:
             results["containerd_idle_rss_mib"] = memory(peer[0].pid)[0] / 1024
 
-        # 3. n containers started detached at once, their supervision's memory, the daemons' RSS, removal
-        starts = {"berth": at_once([[BERTH, "run", "-d", IMAGE, f"s{i}", "sleep", "600"] for i in range(n)], env)}
-        if ctr is not None:
-            starts["containerd"] = at_once([[*ctr, "run", "-d", IMAGE, f"s{i}", "sleep", "600"] for i in range(n)])
-        report(results, f"{n} started at once", starts)
-        results["berth_supervision"] = supervision(
-            processes_with(["berth.runtimes.shim", str(work / "berth" / "state")]), n)
-        results["berthd_rss_with_containers_mib"] = memory(berthd.pid)[0] / 1024
-        if peer is not None:
-            results["containerd_supervision"] = supervision(processes_with(["containerd-shim-runc-v2", peer[1]]), n)
-            results["containerd_rss_with_containers_mib"] = memory(peer[0].pid)[0] / 1024
-        for who in ("berth", "containerd"):
-            data = results.get(f"{who}_supervision")
-            if isinstance(data, dict):
-                print(f"{who:10} supervision of {n}: {data['processes']} process(es), RSS {data['rss_mib']:.1f} MiB, "
-                      f"PSS {data['pss_mib']:.1f} MiB = {data['rss_per_container_mib']:.2f} / "
-                      f"{data['pss_per_container_mib']:.2f} MiB per container")
-        print(f"daemon RSS idle / with {n}: berthd {results['berthd_idle_rss_mib']:.0f} / "
-              f"{results['berthd_rss_with_containers_mib']:.0f} MiB"
-              + (f", containerd {results['containerd_idle_rss_mib']:.0f} / "
-                 f"{results['containerd_rss_with_containers_mib']:.0f} MiB" if peer is not None else ""))
-        removals = {"berth": at_once([["sh", "-c", f"{BERTH} tasks rm -f s{i} && {BERTH} containers rm s{i}"]
-                                      for i in range(n)], env)}
-        if ctr is not None:
-            command = " ".join(ctr)
-            removals["containerd"] = at_once([
-                ["sh", "-c", f"{command} tasks rm -f s{i} && {command} containers rm s{i}"] for i in range(n)])
-        report(results, f"{n} removed at once", removals)
+        # 3. n containers started detached at once, their supervision's memory, the daemons' RSS, removal;
+        # --rounds times, the peers' order swapped every round (a single burst says little on this machine)
+        starts: dict[str, list[float]] = {"berth": [], "containerd": []}
+        removals: dict[str, list[float]] = {"berth": [], "containerd": []}
+        cli = {"berth": BERTH, "containerd": " ".join(ctr or [])}
+        for round_ in range(args.rounds):
+            order = ["berth", "containerd"] if ctr is not None else ["berth"]
+            if round_ % 2:
+                order.reverse()
+            for who in order:
+                start = [BERTH] if who == "berth" else list(ctr or [])
+                starts[who].append(at_once([[*start, "run", "-d", IMAGE, f"s{i}", "sleep", "600"] for i in range(n)],
+                                           env if who == "berth" else None))
+            if round_ == 0:
+                measure_supervision(results, n, berthd, work, peer)
+            time.sleep(0.5)
+            for who in order:
+                removals[who].append(at_once(
+                    [["sh", "-c", f"{cli[who]} tasks rm -f s{i} && {cli[who]} containers rm s{i}"] for i in range(n)],
+                    env if who == "berth" else None))
+            time.sleep(0.5)
+        results[f"{n} started at once, every round"] = starts
+        results[f"{n} removed at once, every round"] = removals
+        report(results, f"{n} started at once", {k: statistics.median(v) for k, v in starts.items() if v})
+        report(results, f"{n} removed at once", {k: statistics.median(v) for k, v in removals.items() if v})
+        for what, rounds in (("started", starts), ("removed", removals)):
+            print(f"  {what}, each round: " + "; ".join(
+                f"{who} " + " ".join(f"{t * 1000:.0f}" for t in times) for who, times in rounds.items() if times))
     finally:
         for i in range(n):
             subprocess.run([BERTH, "tasks", "rm", "-f", f"s{i}"], env=env, capture_output=True, check=False)
@@ -177,6 +179,27 @@ def main() -> None:
     out = Path(__file__).parent / "results" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"results: {out}")
+
+
+def measure_supervision(results: dict[str, object], n: int, berthd: subprocess.Popen[bytes], work: Path,
+                        peer: tuple[subprocess.Popen[bytes], str] | None) -> None:
+    """The RSS and PSS of what supervises the ``n`` running containers, and the daemons' RSS."""
+    shims = processes_with(["berth.runtimes.shim", str(work / "berth" / "state")])
+    results["berth_supervision"] = supervision(shims, n)
+    results["berthd_rss_with_containers_mib"] = memory(berthd.pid)[0] / 1024
+    if peer is not None:
+        results["containerd_supervision"] = supervision(processes_with(["containerd-shim-runc-v2", peer[1]]), n)
+        results["containerd_rss_with_containers_mib"] = memory(peer[0].pid)[0] / 1024
+    for who in ("berth", "containerd"):
+        data = results.get(f"{who}_supervision")
+        if isinstance(data, dict):
+            print(f"{who:10} supervision of {n}: {data['processes']} process(es), RSS {data['rss_mib']:.1f} MiB, "
+                  f"PSS {data['pss_mib']:.1f} MiB = {data['rss_per_container_mib']:.2f} / "
+                  f"{data['pss_per_container_mib']:.2f} MiB per container")
+    print(f"daemon RSS idle / with {n}: berthd {results['berthd_idle_rss_mib']:.0f} / "
+          f"{results['berthd_rss_with_containers_mib']:.0f} MiB"
+          + (f", containerd {results['containerd_idle_rss_mib']:.0f} / "
+             f"{results['containerd_rss_with_containers_mib']:.0f} MiB" if peer is not None else ""))
 
 
 def report(results: dict[str, object], what: str, seconds: dict[str, float]) -> None:
