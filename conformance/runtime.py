@@ -124,6 +124,8 @@ class Session:
         for container_id in self.made:
             with contextlib.suppress(BerthError):
                 self.call("tasks.kill", container_id, signal=9, all=True)
+            with contextlib.suppress(BerthError):  # a paused task dies once thawed
+                self.call("tasks.resume", container_id)
             with contextlib.suppress(BerthError):
                 self.wait(container_id)
             with contextlib.suppress(BerthError):

@@ -9,7 +9,6 @@ removes them, task and snapshot, whatever happens.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import threading
@@ -23,6 +22,7 @@ from conftest import IMAGE, BerthdProcess
 from polling import wait_for
 
 from berth.client.sync import Client
+from berth.conformance.runtime import RuntimeTarget, Session
 from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, NotFound
 
 ROOT_PROCESS = {"cwd": "/", "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "user": {"uid": 0, "gid": 0}}
@@ -34,45 +34,17 @@ pytestmark = [
 
 
 
-@pytest.fixture
-def client(daemon: BerthdProcess) -> Iterator[Client]:
-    with daemon.client(timeout=30) as connection:
-        yield connection
+class Tasks(Session):
+    """The containers of one test: the conformance suite's session on this module's daemon (its default
+    runtime), with the calls only these tests make."""
 
-
-class Tasks:
-    """The containers of one test, and the calls the tests make on them."""
-
-    def __init__(self, daemon: BerthdProcess, client: Client, prefix: str) -> None:
+    def __init__(self, daemon: BerthdProcess, name: str) -> None:
+        super().__init__(RuntimeTarget(address=str(daemon.address), runtime="", image=IMAGE, prefix="t", timeout=30),
+                         name)
         self.daemon = daemon
-        self.client = client
-        self.prefix = prefix
-        self.made: list[str] = []
-
-    def new(self, name: str, args: list[str], **options: Any) -> str:
-        container_id = f"{self.prefix}-{name}"[:76]
-        self.client.call("containers.new", {"id": container_id, "image": IMAGE, "options": {"args": args, **options}})
-        self.made.append(container_id)
-        return container_id
 
     def create(self, name: str, args: list[str], *, stdio: dict[str, Any] | None = None, **options: Any) -> str:
-        container_id = self.new(name, args, **options)
-        self.call("tasks.create", container_id, stdio=stdio or {})
-        return container_id
-
-    def run(self, name: str, args: list[str], *, stdio: dict[str, Any] | None = None, **options: Any) -> str:
-        container_id = self.create(name, args, stdio=stdio, **options)
-        self.call("tasks.start", container_id)
-        return container_id
-
-    def call(self, method: str, container_id: str, **args: Any) -> Any:
-        return self.client.call(method, {"container_id": container_id, **args})
-
-    def status(self, container_id: str) -> str:
-        return str(self.call("tasks.get", container_id)["task"]["status"])
-
-    def wait(self, container_id: str, exec_id: str = "") -> int:
-        return int(self.call("tasks.wait", container_id, exec_id=exec_id)["exit_status"])
+        return self.task(name, args, stdio=stdio, start=False, **options)
 
     def log(self, container_id: str) -> bytes:
         return b"".join(item["data"] for item in self.client.stream("tasks.logs", {"container_id": container_id}))
@@ -80,15 +52,7 @@ class Tasks:
     def attached(self, container_id: str, then: Callable[[Client], object], exec_id: str = "") -> dict[str, bytes]:
         """Attach to the process, run ``then`` on a second connection (start it, write to it...), and
         return what each stream carried until the output ended."""
-        output: dict[str, bytes] = {"stdout": b"", "stderr": b""}
-        items = self.client.stream("tasks.attach", {"container_id": container_id, "exec_id": exec_id})
-        assert next(items) == {"attached": True}
-        with self.daemon.client(timeout=30) as side:
-            then(side)
-            for item in items:
-                for name, data in item.items():
-                    output[name] += data
-        return output
+        return self.attach_and(container_id, exec_id, then)
 
     def run_attached(self, name: str, args: list[str], *, stdio: dict[str, Any] | None = None,
                      **options: Any) -> tuple[dict[str, bytes], int]:
@@ -97,28 +61,15 @@ class Tasks:
         output = self.attached(container_id, lambda side: side.call("tasks.start", {"container_id": container_id}))
         return output, self.wait(container_id)
 
-    def remove_all(self) -> None:
-        for container_id in self.made:
-            with contextlib.suppress(BerthError):
-                self.call("tasks.kill", container_id, signal=9, all=True)
-            with contextlib.suppress(BerthError):
-                self.client.call("tasks.resume", {"container_id": container_id})
-            with contextlib.suppress(BerthError):
-                self.wait(container_id)
-            with contextlib.suppress(BerthError):
-                self.call("tasks.delete", container_id)
-            with contextlib.suppress(BerthError):
-                self.client.call("containers.delete", {"id": container_id, "snapshot_cleanup": True})
-
 
 @pytest.fixture
-def tasks(daemon: BerthdProcess, client: Client, request: pytest.FixtureRequest) -> Iterator[Tasks]:
+def tasks(daemon: BerthdProcess, request: pytest.FixtureRequest) -> Iterator[Tasks]:
     name = re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower()).strip("-")
-    made = Tasks(daemon, client, name[:40])
+    made = Tasks(daemon, name[:40])
     try:
         yield made
     finally:
-        made.remove_all()
+        made.close()
 
 
 
@@ -143,7 +94,7 @@ def test_exit_codes(tasks: Tasks, code: int) -> None:
 
 
 def test_a_missing_command_fails_create(tasks: Tasks) -> None:
-    cid = tasks.new("missing", ["/no/such/binary"])
+    cid = tasks.container("missing", ["/no/such/binary"])
     with pytest.raises(BerthError) as raised:
         tasks.call("tasks.create", cid)
     assert "no/such/binary" in str(raised.value)
@@ -177,7 +128,7 @@ def test_stdin_through_write_and_close_io(tasks: Tasks) -> None:
 
 
 def test_write_without_stdin_is_refused(tasks: Tasks) -> None:
-    cid = tasks.run("nostdin", ["sleep", "300"])
+    cid = tasks.task("nostdin", ["sleep", "300"])
     with pytest.raises(FailedPrecondition):
         tasks.call("tasks.write", cid, data=b"x")
 
@@ -210,7 +161,7 @@ def test_numeric_user_and_group(tasks: Tasks) -> None:
 
 def test_an_unknown_user_is_refused(tasks: Tasks) -> None:
     with pytest.raises(NotFound):
-        tasks.new("nouser", ["true"], user="no-such-user")
+        tasks.container("nouser", ["true"], user="no-such-user")
     tasks.made.clear()
 
 
@@ -253,7 +204,7 @@ def test_memory_limit_is_in_the_containers_cgroup(tasks: Tasks) -> None:
     script = "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max"
     output, status = tasks.run_attached("mem", ["sh", "-c", script], memory_limit=limit)
     assert (output["stdout"], status) == (f"{limit}\n".encode(), 0)
-    cid = tasks.run("memmetrics", ["sleep", "300"], memory_limit=limit)
+    cid = tasks.task("memmetrics", ["sleep", "300"], memory_limit=limit)
     metrics = tasks.call("tasks.metrics", cid)["metrics"]
     assert int(metrics["memory"]["usage"]["limit"]) == limit
 
@@ -300,7 +251,7 @@ def test_default_capabilities_forbid_mount_and_sysrq(tasks: Tasks) -> None:
 
 
 def test_pause_freezes_and_resume_thaws(tasks: Tasks) -> None:
-    cid = tasks.run("freeze", ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.02; done"])
+    cid = tasks.task("freeze", ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.02; done"])
     pid = tasks.call("tasks.get", cid)["task"]["pid"]
     counter = Path(f"/proc/{pid}/root/tmp/n")
     wait_for(counter.exists, what="the counter to start")
@@ -321,7 +272,7 @@ def test_pause_freezes_and_resume_thaws(tasks: Tasks) -> None:
 
 
 def test_a_paused_task_can_be_killed(tasks: Tasks) -> None:
-    cid = tasks.run("pausekill", ["sleep", "300"])
+    cid = tasks.task("pausekill", ["sleep", "300"])
     tasks.call("tasks.pause", cid)
     tasks.call("tasks.kill", cid, signal=9)
     assert tasks.wait(cid) == 137
@@ -330,7 +281,7 @@ def test_a_paused_task_can_be_killed(tasks: Tasks) -> None:
 
 
 def test_exec_into_a_running_task(tasks: Tasks) -> None:
-    cid = tasks.run("host", ["sleep", "300"], env=["FROM_INIT=1"])
+    cid = tasks.task("host", ["sleep", "300"], env=["FROM_INIT=1"])
     process = {**ROOT_PROCESS, "args": ["sh", "-c", "echo out $PWD $(id -u); echo err >&2; exit 3"],
                "cwd": "/etc", "user": {"uid": 65534, "gid": 65534}}
     tasks.call("tasks.exec", cid, exec_id="e1", process=process)
@@ -352,7 +303,7 @@ def test_exec_into_a_running_task(tasks: Tasks) -> None:
 
 
 def test_an_exec_cannot_start_in_a_paused_or_stopped_task(tasks: Tasks) -> None:
-    cid = tasks.run("execstate", ["sleep", "300"])
+    cid = tasks.task("execstate", ["sleep", "300"])
     tasks.call("tasks.exec", cid, exec_id="later", process={**ROOT_PROCESS, "args": ["true"]})
     tasks.call("tasks.pause", cid)
     with pytest.raises(FailedPrecondition):
@@ -367,7 +318,7 @@ def test_an_exec_cannot_start_in_a_paused_or_stopped_task(tasks: Tasks) -> None:
 
 
 def test_an_exec_that_cannot_start_ends_its_attach(tasks: Tasks) -> None:
-    cid = tasks.run("execfail", ["sleep", "300"])
+    cid = tasks.task("execfail", ["sleep", "300"])
     tasks.call("tasks.exec", cid, exec_id="bad", process={**ROOT_PROCESS, "args": ["/no/such/binary"]})
     items = tasks.client.stream("tasks.attach", {"container_id": cid, "exec_id": "bad"})
     assert next(items) == {"attached": True}
@@ -382,7 +333,7 @@ def test_an_exec_that_cannot_start_ends_its_attach(tasks: Tasks) -> None:
 
 
 def test_an_exec_takes_what_it_leaves_out_from_the_container(tasks: Tasks) -> None:
-    cid = tasks.run("execdefaults", ["sleep", "300"], env=["FROM_CONTAINER=yes"], cwd="/tmp", user="nobody")
+    cid = tasks.task("execdefaults", ["sleep", "300"], env=["FROM_CONTAINER=yes"], cwd="/tmp", user="nobody")
     tasks.call("tasks.exec", cid, exec_id="bare", process={"args": ["sh", "-c", "pwd; id -u; echo $FROM_CONTAINER"]})
     output = tasks.attached(cid, lambda side: side.call("tasks.start", {"container_id": cid, "exec_id": "bare"}),
                             exec_id="bare")
@@ -395,7 +346,7 @@ def test_an_exec_takes_what_it_leaves_out_from_the_container(tasks: Tasks) -> No
 
 
 def test_exec_with_stdin(tasks: Tasks) -> None:
-    cid = tasks.run("execin", ["sleep", "300"])
+    cid = tasks.task("execin", ["sleep", "300"])
     tasks.call("tasks.exec", cid, exec_id="cat", process={**ROOT_PROCESS, "args": ["cat"]}, stdio={"stdin": True})
 
     def feed(side: Client) -> None:
@@ -409,14 +360,14 @@ def test_exec_with_stdin(tasks: Tasks) -> None:
 
 def test_kill_and_wait(tasks: Tasks) -> None:
     # SIGTERM to the whole container: the shell's child dies of it, and the shell reports 128+15
-    cid = tasks.run("term", ["sh", "-c", "sleep 300 & wait $!"])
+    cid = tasks.task("term", ["sh", "-c", "sleep 300 & wait $!"])
     wait_for(lambda: len(tasks.call("tasks.pids", cid)["processes"]) == 2, what="the child to start")
     tasks.call("tasks.kill", cid, signal=15, all=True)
     assert tasks.wait(cid) == 143
     with pytest.raises(NotFound):
         tasks.call("tasks.kill", cid, signal=9)  # it has finished
     # an exec process (not the namespace's init) dies of SIGTERM itself: 143
-    host = tasks.run("termexec", ["sleep", "300"])
+    host = tasks.task("termexec", ["sleep", "300"])
     tasks.call("tasks.exec", host, exec_id="s", process={**ROOT_PROCESS, "args": ["sleep", "300"]})
     tasks.call("tasks.start", host, exec_id="s")
     tasks.call("tasks.kill", host, exec_id="s", signal=15)
@@ -430,14 +381,14 @@ def test_kill_and_wait(tasks: Tasks) -> None:
     tasks.call("tasks.kill", host, signal=9)
     assert tasks.wait(host) == 137
     # a trap is honoured
-    trapped = tasks.run("trap", ["sh", "-c", "trap 'exit 42' TERM; while true; do sleep 0.05; done"])
+    trapped = tasks.task("trap", ["sh", "-c", "trap 'exit 42' TERM; while true; do sleep 0.05; done"])
     time.sleep(0.2)
     tasks.call("tasks.kill", trapped, signal=15)
     assert tasks.wait(trapped) == 42
 
 
 def test_wait_from_several_callers(tasks: Tasks, daemon: BerthdProcess) -> None:
-    cid = tasks.run("waiters", ["sh", "-c", "sleep 0.5; exit 9"])
+    cid = tasks.task("waiters", ["sh", "-c", "sleep 0.5; exit 9"])
     results: list[int] = []
 
     def waiter() -> None:
@@ -489,7 +440,7 @@ def test_lifecycle_errors(tasks: Tasks) -> None:
 
 
 def test_concurrent_deletes_one_wins(tasks: Tasks, daemon: BerthdProcess) -> None:
-    cid = tasks.run("twice", ["sh", "-c", "exit 2"])
+    cid = tasks.task("twice", ["sh", "-c", "exit 2"])
     tasks.wait(cid)
     results: list[Any] = []
 
@@ -512,7 +463,7 @@ def test_concurrent_deletes_one_wins(tasks: Tasks, daemon: BerthdProcess) -> Non
 
 
 def test_a_missing_fifo_is_not_found_and_leaves_nothing(tasks: Tasks, tmp_path: Path) -> None:
-    cid = tasks.new("nofifo", ["true"])
+    cid = tasks.container("nofifo", ["true"])
     with pytest.raises(NotFound):
         tasks.call("tasks.create", cid, stdio={"stdout_fifo": str(tmp_path / "missing")})
     with pytest.raises(NotFound):
@@ -524,10 +475,10 @@ def test_a_missing_fifo_is_not_found_and_leaves_nothing(tasks: Tasks, tmp_path: 
 
 def test_list_and_get_report_each_status(tasks: Tasks) -> None:
     created = tasks.create("created", ["sleep", "300"])
-    running = tasks.run("running", ["sleep", "300"])
-    paused = tasks.run("paused", ["sleep", "300"])
+    running = tasks.task("running", ["sleep", "300"])
+    paused = tasks.task("paused", ["sleep", "300"])
     tasks.call("tasks.pause", paused)
-    stopped = tasks.run("stopped", ["sh", "-c", "exit 4"])
+    stopped = tasks.task("stopped", ["sh", "-c", "exit 4"])
     tasks.wait(stopped)
     listed = {t["id"]: t for t in tasks.client.call("tasks.list", {})["tasks"]}
     expected = {created: "created", running: "running", paused: "paused", stopped: "stopped"}
@@ -540,7 +491,7 @@ def test_list_and_get_report_each_status(tasks: Tasks) -> None:
 
 
 def test_logs_and_follow(tasks: Tasks) -> None:
-    cid = tasks.run("logs", ["sh", "-c", "echo first; sleep 0.6; echo second >&2; sleep 0.3; echo third"])
+    cid = tasks.task("logs", ["sh", "-c", "echo first; sleep 0.6; echo second >&2; sleep 0.3; echo third"])
     started = time.monotonic()
     followed = b"".join(item["data"] for item in tasks.client.stream("tasks.logs", {"container_id": cid,
                                                                                     "follow": True}))
@@ -553,7 +504,7 @@ def test_logs_and_follow(tasks: Tasks) -> None:
 
 
 def test_metrics_and_pids(tasks: Tasks) -> None:
-    cid = tasks.run("metrics", ["sh", "-c", "sleep 300 & sleep 300 & wait"], pids_limit=64)
+    cid = tasks.task("metrics", ["sh", "-c", "sleep 300 & sleep 300 & wait"], pids_limit=64)
     wait_for(lambda: len(tasks.call("tasks.pids", cid)["processes"]) == 3, what="three processes")
     metrics = tasks.call("tasks.metrics", cid)["metrics"]
     assert int(metrics["memory"]["usage"]["usage"]) > 0
@@ -637,8 +588,8 @@ def test_fifo_stdio(tasks: Tasks, tmp_path: Path) -> None:
 def test_events_in_containerds_order(tasks: Tasks, daemon: BerthdProcess) -> None:
     seen: list[tuple[str, dict[str, Any]]] = []
     subscribed = threading.Event()
-    last = tasks.new("quick", ["true"])  # deleted last: its /tasks/delete ends the subscription
-    cid = tasks.new("events", ["sh", "-c", "sleep 300"])
+    last = tasks.container("quick", ["true"])  # deleted last: its /tasks/delete ends the subscription
+    cid = tasks.container("events", ["sh", "-c", "sleep 300"])
 
     def follow() -> None:
         with daemon.client(timeout=None) as listener:
@@ -685,7 +636,7 @@ def test_events_in_containerds_order(tasks: Tasks, daemon: BerthdProcess) -> Non
 def test_an_oom_kill_is_an_event_and_137(tasks: Tasks, daemon: BerthdProcess) -> None:
     seen: list[str] = []
     subscribed = threading.Event()
-    cid = tasks.new("oom", ["sh", "-c", "head -c 128m /dev/zero | tail"], memory_limit=16 << 20)
+    cid = tasks.container("oom", ["sh", "-c", "head -c 128m /dev/zero | tail"], memory_limit=16 << 20)
 
     def follow() -> None:
         with daemon.client(timeout=None) as listener:
@@ -708,7 +659,7 @@ def test_an_oom_kill_is_an_event_and_137(tasks: Tasks, daemon: BerthdProcess) ->
 
 
 def test_update_changes_the_memory_limit(tasks: Tasks) -> None:
-    cid = tasks.run("update", ["sleep", "300"], memory_limit=64 << 20)
+    cid = tasks.task("update", ["sleep", "300"], memory_limit=64 << 20)
     tasks.call("tasks.update", cid, resources={"memory": {"limit": 96 << 20}})
     pid = tasks.call("tasks.get", cid)["task"]["pid"]
     cgroup = Path(f"/proc/{pid}/cgroup").read_text()
