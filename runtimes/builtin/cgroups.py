@@ -24,7 +24,7 @@ TYPE_CHECKING = False  # not typing's: importing typing costs every runtime call
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["DEFAULT_DEVICE_RULES", "Cgroups", "device_rules", "hierarchies"]
+__all__ = ["DEFAULT_DEVICE_RULES", "Cgroups", "device_rules", "hierarchies", "own_procs_file"]
 
 _ROOT = "/sys/fs/cgroup"
 _UNIFIED = ""  # the key of the cgroup2 hierarchy, in both layouts
@@ -97,6 +97,16 @@ def _own_cgroups() -> dict[str, str]:
             _, controllers, path = line.rstrip("\n").split(":", 2)
             own[controllers] = path
     return own
+
+
+def own_procs_file() -> str | None:
+    """The ``cgroup.procs`` file of the cgroup this process is in (in the first hierarchy mounted), or
+    ``None`` without a cgroup filesystem. Reads ``/proc``: blocking."""
+    try:
+        paths = Cgroups.plan(".", "").paths  # "." is where this process is
+    except (FailedPrecondition, InvalidArgument, OSError):
+        return None
+    return next((os.path.join(path, "cgroup.procs") for path in paths.values()), None)
 
 
 def _write(path: str, value: str) -> None:
@@ -249,16 +259,15 @@ class Cgroups:
         """
         import _thread
 
-        try:
-            own = next(iter(Cgroups.plan(".", "").paths.values()))  # "." is where this process is
-        except (FailedPrecondition, InvalidArgument, OSError, StopIteration):
+        procs = own_procs_file()
+        if procs is None:
             return
         done = _thread.allocate_lock()
         done.acquire()
 
         def migrate() -> None:
             try:
-                _write(os.path.join(own, "cgroup.procs"), str(os.getpid()))
+                _write(procs, str(os.getpid()))
             except FailedPrecondition:
                 pass
             finally:

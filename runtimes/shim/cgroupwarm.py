@@ -18,33 +18,9 @@ import os
 
 import trio
 
+from berth.runtimes.builtin.cgroups import own_procs_file  # berth-runtime's own warm-up looks it up alike
+
 __all__ = ["CgroupWarmUp", "own_procs_file"]
-
-CGROUP_ROOT = "/sys/fs/cgroup"
-
-
-def own_procs_file(pid: int | str = "self") -> str | None:
-    """The ``cgroup.procs`` file of a cgroup ``pid`` is in (any hierarchy: the lock is global), or
-    ``None`` when none is found. Blocking (reads ``/proc``): call it from a worker thread."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3 or not parts[2].startswith("/"):
-            continue
-        _, controllers, path = parts
-        if controllers:  # cgroup v1: /sys/fs/cgroup/<controllers> (name=systemd: /sys/fs/cgroup/systemd)
-            candidates = [f"{CGROUP_ROOT}/{controllers.removeprefix('name=')}"]
-        else:  # cgroup v2: the unified hierarchy of a hybrid layout, or the whole tree
-            candidates = [f"{CGROUP_ROOT}/unified", CGROUP_ROOT]
-        for mountpoint in candidates:
-            procs = os.path.normpath(f"{mountpoint}/{path.lstrip('/')}") + "/cgroup.procs"
-            if os.path.isfile(procs):
-                return procs
-    return None
 
 
 class CgroupWarmUp:
