@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import IMAGE, BerthdProcess
+from polling import TaskEvents
 
 from berth.client.sync import Client
 from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, InvalidArgument, NotFound
@@ -219,24 +220,9 @@ def test_lifecycle_refusals(containers: Containers, client: Client) -> None:
 
 
 def test_events_come_in_containerds_order(containers: Containers, client: Client, daemon: BerthdProcess) -> None:
-    topics: list[tuple[str, dict[str, Any]]] = []
-    subscribed = threading.Event()
-
-    def follow() -> None:
-        with daemon.client(timeout=None) as listener:
-            for envelope in listener.stream("events.subscribe", {"filters": ['topic~="^/tasks/"']}):
-                subscribed.set()
-                topics.append((envelope["topic"], envelope["event"]))
-                if envelope["topic"] == "/tasks/delete":
-                    return
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
     cid = containers.new("events", ["sleep", "300"])
-    deadline = time.monotonic() + 10
-    while not subscribed.is_set() and time.monotonic() < deadline:  # a probe until the subscription sees it
-        client.call("events.publish", {"topic": "/tasks/probe", "event": {}})
-        time.sleep(0.05)
+    events_seen = TaskEvents(lambda: daemon.client(timeout=None),
+                             lambda topic, event: topic == "/tasks/delete" and event.get("container_id") == cid)
     client.call("tasks.create", {"container_id": cid})
     client.call("tasks.start", {"container_id": cid})
     client.call("tasks.exec", {"container_id": cid, "exec_id": "x", "process": {
@@ -248,11 +234,11 @@ def test_events_come_in_containerds_order(containers: Containers, client: Client
     client.call("tasks.kill", {"container_id": cid, "signal": 9})
     client.call("tasks.wait", {"container_id": cid})
     client.call("tasks.delete", {"container_id": cid})
-    thread.join(timeout=20)
-    order = [topic for topic, event in topics if event.get("container_id") == cid]
+    mine = events_seen.of(cid)
+    order = [topic for topic, _ in mine]
     assert order == ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
                      "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"]
-    exits = [event for topic, event in topics if topic == "/tasks/exit" and event.get("container_id") == cid]
+    exits = [event for topic, event in mine if topic == "/tasks/exit"]
     assert [(e["id"], e["exit_status"]) for e in exits] == [("x", 2), (cid, 137)]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import IMAGE, BerthdProcess
-from polling import wait_for
+from polling import TaskEvents, wait_for
 
 from berth.client.sync import Client
 from berth.conformance.runtime import RuntimeTarget, Session
@@ -586,23 +586,10 @@ def test_fifo_stdio(tasks: Tasks, tmp_path: Path) -> None:
 
 
 def test_events_in_containerds_order(tasks: Tasks, daemon: BerthdProcess) -> None:
-    seen: list[tuple[str, dict[str, Any]]] = []
-    subscribed = threading.Event()
     last = tasks.container("quick", ["true"])  # deleted last: its /tasks/delete ends the subscription
     cid = tasks.container("events", ["sh", "-c", "sleep 300"])
-
-    def follow() -> None:
-        with daemon.client(timeout=None) as listener:
-            for envelope in listener.stream("events.subscribe", {"filters": ['topic~="^/tasks/"']}):
-                subscribed.set()
-                seen.append((envelope["topic"], envelope["event"]))
-                if envelope["topic"] == "/tasks/delete" and envelope["event"].get("container_id") == last:
-                    return
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
-    wait_for(lambda: (tasks.client.call("events.publish", {"topic": "/tasks/probe", "event": {}}),
-                      subscribed.is_set())[1], what="the subscription")
+    events_seen = TaskEvents(lambda: daemon.client(timeout=None),
+                             lambda topic, event: topic == "/tasks/delete" and event.get("container_id") == last)
     tasks.call("tasks.create", cid)
     tasks.call("tasks.start", cid)
     tasks.call("tasks.exec", cid, exec_id="x", process={**ROOT_PROCESS, "args": ["sh", "-c", "exit 6"]})
@@ -617,9 +604,7 @@ def test_events_in_containerds_order(tasks: Tasks, daemon: BerthdProcess) -> Non
     tasks.call("tasks.start", last)
     tasks.wait(last)
     tasks.call("tasks.delete", last)
-    thread.join(timeout=10)
-    assert not thread.is_alive()
-    mine = [(topic, event) for topic, event in seen if event.get("container_id") == cid]
+    mine = events_seen.of(cid)
     assert [topic for topic, _ in mine] == ["/tasks/create", "/tasks/start", "/tasks/exec-added",
                                             "/tasks/exec-started", "/tasks/exit", "/tasks/exit", "/tasks/delete"]
     events = [event for _, event in mine]
@@ -629,33 +614,18 @@ def test_events_in_containerds_order(tasks: Tasks, daemon: BerthdProcess) -> Non
     assert (events[4]["id"], events[4]["exit_status"]) == ("x", 6)
     assert (events[5]["id"], events[5]["pid"], events[5]["exit_status"]) == (cid, pid, 137)
     assert (events[6]["pid"], events[6]["exit_status"]) == (pid, 137)
-    order = [topic for topic, event in seen if event.get("container_id") == last]
+    order = [topic for topic, _ in events_seen.of(last)]
     assert order == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
 
 
 def test_an_oom_kill_is_an_event_and_137(tasks: Tasks, daemon: BerthdProcess) -> None:
-    seen: list[str] = []
-    subscribed = threading.Event()
     cid = tasks.container("oom", ["sh", "-c", "head -c 128m /dev/zero | tail"], memory_limit=16 << 20)
-
-    def follow() -> None:
-        with daemon.client(timeout=None) as listener:
-            for envelope in listener.stream("events.subscribe", {"filters": ['topic~="^/tasks/"']}):
-                subscribed.set()
-                if envelope["event"].get("container_id") == cid:
-                    seen.append(envelope["topic"])
-                    if envelope["topic"] == "/tasks/exit":
-                        return
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
-    wait_for(lambda: (tasks.client.call("events.publish", {"topic": "/tasks/probe", "event": {}}),
-                      subscribed.is_set())[1], what="the subscription")
+    events_seen = TaskEvents(lambda: daemon.client(timeout=None),
+                             lambda topic, event: topic == "/tasks/exit" and event.get("container_id") == cid)
     tasks.call("tasks.create", cid)
     tasks.call("tasks.start", cid)
     assert tasks.wait(cid) == 137  # the pipeline's last command, tail, was OOM-killed
-    thread.join(timeout=10)
-    assert seen == ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit"]
+    assert [topic for topic, _ in events_seen.of(cid)] == ["/tasks/create", "/tasks/start", "/tasks/oom", "/tasks/exit"]
 
 
 def test_update_changes_the_memory_limit(tasks: Tasks) -> None:
