@@ -54,6 +54,16 @@ from berth.conformance.snapshotter import SNAPSHOTTER_CASES, OpenSnapshotter, Re
 __all__ = ["content_store_tests", "runtime_tests", "snapshotter_tests"]
 
 
+
+def _case_names(cases: Iterable[str] | None, known: Iterable[str], kind: str) -> list[str]:
+    """``cases`` (default: every one of ``known``, in order); KeyError for a name not in ``known``."""
+    known = list(known)
+    names = list(cases) if cases is not None else known
+    for name in names:
+        if name not in known:
+            raise KeyError(f"no {kind} case {name!r}; the cases are {', '.join(known)}")
+    return names
+
 def content_store_tests(open_store: OpenStore | str, *, open_namespaced_store: OpenNamespacedStore | str | None = None,
                         cases: Iterable[str] | None = None, time_slack: float = TIME_SLACK) -> Callable[..., None]:
     """A pytest test function parametrized over ``cases`` (default: all 16, in containerd's order).
@@ -63,10 +73,7 @@ def content_store_tests(open_store: OpenStore | str, *, open_namespaced_store: O
     Raises:
         KeyError: an unknown case name.
     """
-    names = list(cases) if cases is not None else list(CONTENT_CASES)
-    for name in names:
-        if name not in CONTENT_CASES:
-            raise KeyError(f"no content case {name!r}; the cases are {', '.join(CONTENT_CASES)}")
+    names = _case_names(cases, CONTENT_CASES, "content")
 
     def resolve(factory: Any, request: pytest.FixtureRequest) -> Any:
         return request.getfixturevalue(factory) if isinstance(factory, str) else factory
@@ -99,10 +106,7 @@ def snapshotter_tests(open_snapshotter: OpenSnapshotter | str, *, cases: Iterabl
     Raises:
         KeyError: an unknown case name.
     """
-    names = list(cases) if cases is not None else list(SNAPSHOTTER_CASES)
-    for name in names:
-        if name not in SNAPSHOTTER_CASES:
-            raise KeyError(f"no snapshotter case {name!r}; the cases are {', '.join(SNAPSHOTTER_CASES)}")
+    names = _case_names(cases, SNAPSHOTTER_CASES, "snapshotter")
 
     @pytest.mark.parametrize("case", names)
     def test_snapshotter(case: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
@@ -128,10 +132,7 @@ def runtime_tests(open_runtime: OpenRuntime | str, *, cases: Iterable[str] | Non
     Raises:
         KeyError: an unknown case name.
     """
-    names = list(cases) if cases is not None else list(RUNTIME_CASES)
-    for name in names:
-        if name not in RUNTIME_CASES:
-            raise KeyError(f"no runtime case {name!r}; the cases are {', '.join(RUNTIME_CASES)}")
+    names = _case_names(cases, RUNTIME_CASES, "runtime")
 
     @pytest.mark.parametrize("case", names)
     def test_runtime(case: str, request: pytest.FixtureRequest) -> None:
