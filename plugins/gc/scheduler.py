@@ -49,11 +49,6 @@ class Config:
             raise ValueError("thresholds must not be negative")
 
 
-#: Seconds between two reads of the next expiry while writes keep coming: a burst of writes (20
-#: containers starting at once make about a hundred) costs one read per interval, not one per write.
-EXPIRY_REREAD_INTERVAL = 0.1
-
-
 def _next_expiry(conn: sqlite3.Connection, now: float) -> float | None:
     times: list[float] = []
     for (labels,) in conn.execute("SELECT labels FROM leases UNION ALL SELECT labels FROM images"):
@@ -83,7 +78,6 @@ class Scheduler:
         self._next_expiry: float | None = None
         #: Mutations happened since the next expiry was read (a new lease may expire sooner).
         self._expiry_stale = False
-        self._expiry_read_at = -math.inf
         #: When (trio time) the first trigger since the last collection came; ``schedule_delay``
         #: counts from it (re-counting from "now" at every wake-up would postpone forever).
         self._triggered_at: float | None = None
@@ -136,7 +130,6 @@ class Scheduler:
 
     async def _read_next_expiry(self) -> None:
         self._expiry_stale = False
-        self._expiry_read_at = trio.current_time()
         now = time.time()
         expiry = await self.metadata.db.read(lambda conn: _next_expiry(conn, now))
         self._next_expiry = None if expiry is None else trio.current_time() + (expiry - time.time())
@@ -162,18 +155,16 @@ class Scheduler:
                 self._wakeup = trio.Event()
         await self._collect()
         while True:
-            # A write may have made something that expires sooner: read the next expiry again, at most
-            # every EXPIRY_REREAD_INTERVAL (until then, wake up when it is time to).
-            reread_at = self._expiry_read_at + EXPIRY_REREAD_INTERVAL if self._expiry_stale else math.inf
-            if reread_at <= trio.current_time():
-                await self._read_next_expiry()
-                reread_at = math.inf
             due = self._due()
             if due is None or due > trio.current_time():
-                with trio.move_on_at(min(math.inf if due is None else due, reread_at)):
+                with trio.move_on_at(math.inf if due is None else due):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
-                continue
+                if self._expiry_stale:  # a write may have made something that expires sooner
+                    await self._read_next_expiry()
+                due = self._due()
+                if due is None or due > trio.current_time():
+                    continue
             await self._collect()
 
 
