@@ -26,6 +26,7 @@ from berth.core.metadata.leases import LABEL_GC_EXPIRE, LeaseManager, Resource, 
 from berth.core.metadata.namespaces import NamespaceStore
 from berth.core.namespaces import with_lease, with_namespace
 from berth.plugins.content.local.store import LocalStore
+from berth.plugins.gc import scheduler as scheduler_module
 from berth.plugins.gc.scheduler import Config, Scheduler
 from berth.plugins.metadata.plugin import Metadata
 
@@ -818,3 +819,38 @@ async def test_scheduler_collects_an_expiring_lease_while_idle(sched_factory) ->
     assert time.time() >= lease.expires_at
     with with_namespace("ns"):
         assert await leases.list_all() == []
+
+
+@pytest.mark.timeout(60)
+async def test_scheduler_reads_the_next_expiry_again_only_after_writes_to_what_expires(
+        sched_factory, autojump_clock, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    reads: list[float | None] = []
+    read = trio.Event()
+
+    def counted(conn: object, now: float) -> float | None:  # runs in a worker thread
+        reads.append(result := next_expiry(conn, now))  # type: ignore[arg-type]
+        trio.from_thread.run_sync(read.set)
+        return result
+
+    next_expiry = scheduler_module._next_expiry
+    monkeypatch.setattr(scheduler_module, "_next_expiry", counted)
+    metadata, gc, scheduler = await sched_factory(Config(startup_delay=Duration(0)))
+    await gc.wait_for(1)
+    await read.wait()  # the read that follows the collection
+    for i in range(5):  # writes to tables without expiries
+        await metadata.namespaces.create(f"ns{i}", {})
+        assert not scheduler._expiry_stale
+    leases = LeaseManager(metadata.db)
+    read = trio.Event()
+    with with_namespace("ns0"):
+        created = time.time()
+        await leases.create("soon", expires_in=600)
+    assert scheduler._expiry_stale
+    await read.wait()
+    assert len(reads) == 2
+    assert reads[-1] is not None
+    assert created + 599 < reads[-1] < time.time() + 601
+    woken_at = trio.current_time()
+    await gc.wait_for(2)  # the scheduler wakes up for the lease's expiry with nothing else to do
+    assert trio.current_time() >= woken_at + 590
+    assert scheduler.collections == 2

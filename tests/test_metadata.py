@@ -179,6 +179,25 @@ async def test_migrations_run_each_in_its_own_transaction(tmp_path: Path, monkey
 # ---------------------------------------------------------------- transactions and readers
 
 
+async def test_mutation_listeners_hear_which_tables_a_write_changed(db: MetadataDB) -> None:
+    heard: list[frozenset[str]] = []
+    db.on_mutation(heard.append)
+    await db.write(lambda c: c.execute("INSERT INTO namespaces VALUES ('n', '{}', 0, 0)"))
+
+    def two_tables(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE namespaces SET labels = '{\"a\":\"b\"}' WHERE name = 'n'")
+        conn.execute("INSERT INTO leases VALUES ('n', 'l', '{}', 0)")
+
+    await db.write(two_tables)
+    await db.write(lambda c: c.execute("DELETE FROM leases WHERE id = 'l'"))
+    await db.write(lambda c: c.execute("SELECT 1").fetchone())  # a write that changes no row
+    with pytest.raises(ValueError, match="rolled back"):
+        await db.write(lambda c: (c.execute("DELETE FROM namespaces"), int("rolled back")))
+    await db.write(lambda c: c.execute("UPDATE namespaces SET updated_at = 1 WHERE name = 'nothing'"))
+    assert heard == [frozenset({"namespaces"}), frozenset({"namespaces", "leases"}), frozenset({"leases"}),
+                     frozenset(), frozenset()]
+
+
 async def test_a_write_that_raises_rolls_back_everything(db: MetadataDB) -> None:
     await db.write(lambda c: c.execute("INSERT INTO namespaces VALUES ('before', '{}', 0, 0)"))
     mutations = db.mutations

@@ -4,7 +4,9 @@ All sqlite work runs in worker threads. Writes go through :meth:`MetadataDB.writ
 write lock, runs the function in one ``BEGIN IMMEDIATE`` transaction and commits (or rolls back if it
 raised). Reads go through :meth:`MetadataDB.read` on a pool of read-only connections that see the
 last committed state (WAL readers do not wait for the writer). The garbage collector takes the write
-lock for its mark and sweep, so no mutation happens in between while reads go on.
+lock for its mark and sweep, so no mutation happens in between while reads go on. Listeners
+(:meth:`MetadataDB.on_mutation`) hear of every committed write with the tables whose rows it changed,
+which temporary triggers on the writer's connection report as the write runs.
 
 The schema is versioned with ``PRAGMA user_version``; :data:`MIGRATIONS` holds one function per
 version, applied in order at open, each in its own transaction.
@@ -175,7 +177,9 @@ class MetadataDB:
         self._reader_slots = trio.Semaphore(readers)
         self._reader_count = readers
         self._limiter = trio.CapacityLimiter(readers + 1)
-        self._mutation_listeners: list[Callable[[], None]] = []
+        self._mutation_listeners: list[Callable[[frozenset[str]], None]] = []
+        #: Tables whose rows the running write changed (the writer's triggers add to it, in its thread).
+        self._changed_tables: set[str] = set()
 
     def _connect(self, *, readonly: bool) -> sqlite3.Connection:
         if readonly:
@@ -222,8 +226,20 @@ class MetadataDB:
         except BaseException:
             writer.close()
             raise
+        self._report_changes(writer)
         self._writer = writer
         self._readers = [self._connect(readonly=True) for _ in range(self._reader_count)]
+
+    def _report_changes(self, writer: sqlite3.Connection) -> None:
+        """Give every table of ``writer`` temporary triggers (this connection's alone) that add its name to
+        :attr:`_changed_tables` for each row inserted, updated or deleted."""
+        writer.create_function("berth_table_changed", 1, self._changed_tables.add)
+        tables = [row[0] for row in writer.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+        for table in tables:
+            for operation in ("INSERT", "UPDATE", "DELETE"):
+                writer.execute(f'CREATE TEMP TRIGGER "berth_changed_{table}_{operation.lower()}" AFTER {operation} '
+                               f'ON main."{table}" BEGIN SELECT berth_table_changed(\'{table}\'); END')
 
     async def _start(self) -> None:
         await trio.to_thread.run_sync(self._open_sync)
@@ -242,8 +258,9 @@ class MetadataDB:
             async with self.write_lock:
                 await trio.to_thread.run_sync(self._close_sync)
 
-    def on_mutation(self, listener: Callable[[], None]) -> None:
-        """Call ``listener`` (on the event loop) after every committed write."""
+    def on_mutation(self, listener: Callable[[frozenset[str]], None]) -> None:
+        """Call ``listener(tables)`` (on the event loop) after every committed write, ``tables`` being the
+        names of the tables whose rows it inserted, updated or deleted (empty when it changed none)."""
         self._mutation_listeners.append(listener)
 
     async def read(self, function: Callable[[sqlite3.Connection], T]) -> T:
@@ -267,11 +284,13 @@ class MetadataDB:
     async def write_locked(self, function: Callable[[sqlite3.Connection], T]) -> T:
         """As :meth:`write`, for a caller that already holds :attr:`write_lock` (the GC)."""
         assert self._writer is not None, "database is closed"
+        self._changed_tables.clear()
         result = await trio.to_thread.run_sync(_in_write_transaction, self._writer, function,
                                                limiter=self._limiter, abandon_on_cancel=False)
+        changed = frozenset(self._changed_tables)
         self.mutations += 1
         for listener in self._mutation_listeners:
-            listener()
+            listener(changed)
         return result
 
     def integrity_check(self) -> str:

@@ -49,6 +49,10 @@ class Config:
             raise ValueError("thresholds must not be negative")
 
 
+#: The tables whose rows hold expiry times (``berth.io/gc.expire`` labels, ingests' ``expire_at``).
+EXPIRY_TABLES = frozenset({"leases", "images", "ingests"})
+
+
 def _next_expiry(conn: sqlite3.Connection, now: float) -> float | None:
     times: list[float] = []
     for (labels,) in conn.execute("SELECT labels FROM leases UNION ALL SELECT labels FROM images"):
@@ -76,7 +80,7 @@ class Scheduler:
         self._waiters: list[trio.Event] = []
         self._next_allowed = -math.inf
         self._next_expiry: float | None = None
-        #: Mutations happened since the next expiry was read (a new lease may expire sooner).
+        #: A write changed leases, images or ingests since the next expiry was read (one may expire sooner).
         self._expiry_stale = False
         #: When (trio time) the first trigger since the last collection came; ``schedule_delay``
         #: counts from it (re-counting from "now" at every wake-up would postpone forever).
@@ -90,11 +94,12 @@ class Scheduler:
             self._triggered_at = trio.current_time()
         self._wakeup.set()
 
-    def _on_mutation(self) -> None:
+    def _on_mutation(self, tables: frozenset[str]) -> None:
         if self._collecting:
             return
         self._mutations += 1
-        self._expiry_stale = True
+        if tables & EXPIRY_TABLES:
+            self._expiry_stale = True
         self._wakeup.set()
         if self.config.mutation_threshold and self._mutations >= self.config.mutation_threshold:
             self._trigger()
