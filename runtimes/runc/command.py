@@ -139,8 +139,8 @@ class RuncCommand:
         return outputs["out"]
 
     async def _run_with_log(self, args: Sequence[str], log: Path, *, stdio: tuple[int, int, int]) -> None:
-        """Run ``create``/``exec``: the child's stdio is the container's; errors come from ``log``."""
-        await trio.to_thread.run_sync(lambda: log.unlink(missing_ok=True))
+        """Run ``create``/``exec``: the child's stdio is the container's; errors come from ``log``, which
+        must hold no earlier run's (the caller removes it with the rest of its set-up)."""
         pid = await self.reaper.spawn(self._argv(args, log), stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
         code = await self.reaper.wait(pid)
         if code != 0:
@@ -149,7 +149,8 @@ class RuncCommand:
 
     async def create(self, container_id: str, bundle: Path, *, pid_file: Path, stdio: tuple[int, int, int],
                      console_socket: Path | None = None, start: bool = False) -> None:
-        """``create``; with ``start``, ``run --detach`` (created and started by one runtime process)."""
+        """``create``; with ``start``, ``run --detach`` (created and started by one runtime process). The
+        runtime's log is ``<bundle>/log.json``: remove an earlier one first."""
         args = ["run", "--detach"] if start else ["create"]
         args += ["--bundle", str(bundle), "--pid-file", str(pid_file)]
         if console_socket is not None:
@@ -160,6 +161,7 @@ class RuncCommand:
 
     async def exec(self, container_id: str, process: Path, *, pid_file: Path, log: Path,
                    stdio: tuple[int, int, int], console_socket: Path | None = None) -> None:
+        """``exec --detach``; the runtime's errors go to ``log`` (which must not hold an earlier run's)."""
         args = ["exec", "--detach", "--process", str(process), "--pid-file", str(pid_file)]
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]

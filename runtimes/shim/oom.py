@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -54,60 +55,71 @@ def _oom_kills(directory: Path, name: str = "memory.events") -> int | None:
     return 0
 
 
-async def watch_oom(pid: int, on_oom: Callable[[], None]) -> None:
-    """Call ``on_oom()`` each time a process in ``pid``'s memory cgroup is OOM-killed, until cancelled or
-    the cgroup goes. Returns at once when the memory controller is not available."""
-    watch = await trio.to_thread.run_sync(_open_watch, pid)  # one worker thread trip for the set-up
+@dataclass(eq=False)
+class OOMWatch:
+    """What :func:`watch_oom` watches: ``pid``'s memory cgroup, its version, the registered eventfd (v1;
+    owned by the watch, closed by :func:`watch_oom`) and the OOM kills counted so far."""
+
+    directory: Path
+    version: int
+    eventfd: int | None
+    seen: int
+
+
+async def watch_oom(watch: OOMWatch | None, on_oom: Callable[[], None]) -> None:
+    """Call ``on_oom()`` each time a process in the watched cgroup is OOM-killed, until cancelled or the
+    cgroup goes; close the watch's eventfd then, even when cancelled before it ran. Returns at once for
+    ``None`` (nothing to watch)."""
     if watch is None:
         return
-    directory, version, efd, seen = watch
-    if version == 2:
-        while True:
-            await trio.sleep(V2_POLL_INTERVAL)
-            count = await trio.to_thread.run_sync(_oom_kills, directory)
-            if count is None:
-                return
-            if count > seen:
-                seen = count
-                on_oom()
-    assert efd is not None
     try:
+        if watch.version == 2:
+            while True:
+                await trio.sleep(V2_POLL_INTERVAL)
+                count = await trio.to_thread.run_sync(_oom_kills, watch.directory)
+                if count is None:
+                    return
+                if count > watch.seen:
+                    watch.seen = count
+                    on_oom()
+        assert watch.eventfd is not None
         while True:
-            await trio.lowlevel.wait_readable(efd)
+            await trio.lowlevel.wait_readable(watch.eventfd)
             try:
-                os.eventfd_read(efd)
+                os.eventfd_read(watch.eventfd)
             except BlockingIOError:
                 continue
             # One OOM can wake the eventfd several times; the kill counter says how many processes died.
             # The cgroup's removal wakes it too: then the counter is gone.
-            count = await trio.to_thread.run_sync(_oom_kills, directory, "memory.oom_control")
+            count = await trio.to_thread.run_sync(_oom_kills, watch.directory, "memory.oom_control")
             if count is None:
                 return
-            if count > seen:
-                seen = count
+            if count > watch.seen:
+                watch.seen = count
                 on_oom()
     except OSError:
         return
     finally:
-        os.close(efd)
+        if watch.eventfd is not None:
+            os.close(watch.eventfd)
 
 
-def _open_watch(pid: int) -> tuple[Path, int, int | None, int] | None:
-    """``(directory, version, eventfd (v1), kills so far)`` of ``pid``'s memory cgroup, the eventfd
-    registered; ``None`` when there is nothing to watch. Blocking."""
+def open_watch(pid: int) -> OOMWatch | None:
+    """The OOM watch of ``pid``'s memory cgroup (its eventfd registered, for cgroup v1); ``None`` when
+    there is nothing to watch. Blocking: a worker thread's job. Hand the watch to :func:`watch_oom`."""
     found = memory_cgroup(pid)
     if found is None:
         return None
     directory, version = found
     if version == 2:
-        return directory, 2, None, _oom_kills(directory) or 0
+        return OOMWatch(directory, 2, None, _oom_kills(directory) or 0)
     try:
         efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     except OSError:
         return None
     try:
         _register_v1(directory, efd)
-        return directory, 1, efd, _oom_kills(directory, "memory.oom_control") or 0
+        return OOMWatch(directory, 1, efd, _oom_kills(directory, "memory.oom_control") or 0)
     except OSError:
         os.close(efd)
         return None

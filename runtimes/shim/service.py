@@ -35,7 +35,7 @@ from berth.core.snapshots.mount import mount_all, unmount_all
 from berth.core.snapshots.snapshotter import Mount
 from berth.runtimes.runc.command import RuncCommand, RuntimeBinary
 from berth.runtimes.shim.cgroupwarm import CgroupWarmUp
-from berth.runtimes.shim.oom import watch_oom
+from berth.runtimes.shim.oom import OOMWatch, open_watch, watch_oom
 from berth.runtimes.shim.reaper import Reaper
 from berth.runtimes.shim.stdio import ProcessIO, StdioConfig
 
@@ -99,11 +99,12 @@ class Task:
                 "execs": [p.to_wire() for p in self.execs.values()]}
 
 
-def _prepare_bundle(bundle: Path, rootfs: list[Mount]) -> tuple[bool, bool]:
-    """Check the bundle has a ``config.json`` and mount ``rootfs`` (if any) on ``<bundle>/rootfs``; return
-    whether the spec has ``poststop`` hooks and whether anything was mounted. Blocking.
+def _prepare_bundle(bundle: Path, rootfs: list[Mount], io: ProcessIO) -> tuple[bool, bool]:
+    """Check the bundle has a ``config.json``, remove the runtime's log of an earlier create, open the
+    init's log file (``io``) and mount ``rootfs`` (if any) on ``<bundle>/rootfs``; return whether the spec
+    has ``poststop`` hooks and whether anything was mounted. Blocking: one worker thread trip.
 
-    Raises: InvalidArgument (no config.json); OSError from the mounts.
+    Raises: InvalidArgument (no config.json); OSError from the log file or the mounts.
     """
     try:
         data = (bundle / "config.json").read_bytes()
@@ -115,10 +116,27 @@ def _prepare_bundle(bundle: Path, rootfs: list[Mount]) -> tuple[bool, bool]:
         spec = {}  # the runtime says what is wrong with it
     hooks = spec.get("hooks") if isinstance(spec, dict) else None
     poststop = bool(hooks.get("poststop")) if isinstance(hooks, dict) else False
+    (bundle / "log.json").unlink(missing_ok=True)
+    io.open_log()
     if rootfs:
         (bundle / "rootfs").mkdir(exist_ok=True)
         mount_all(rootfs, bundle / "rootfs")
     return poststop, bool(rootfs)
+
+
+def _read_pid(path: Path) -> int:
+    """The pid in the runtime's ``--pid-file``. Blocking. Raises: FailedPrecondition (none there)."""
+    text = path.read_text()
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise FailedPrecondition(f"the runtime wrote no pid to {path}: {text!r}") from None
+
+
+def _init_pid_and_oom_watch(pid_file: Path) -> tuple[int, OOMWatch | None]:
+    """The init's pid and the OOM watch of its memory cgroup: one worker thread trip. Blocking."""
+    pid = _read_pid(pid_file)
+    return pid, open_watch(pid)
 
 
 def write_exit_record(bundle: Path, exit_status: int, exited_at: float) -> None:
@@ -300,13 +318,6 @@ class ShimService:
             code, process.pending_exit = process.pending_exit, None
             await self._finish_exit(task, process, code)
 
-    @staticmethod
-    async def _read_pid(path: Path) -> int:
-        text = await trio.to_thread.run_sync(path.read_text)
-        try:
-            return int(text.strip())
-        except ValueError:
-            raise FailedPrecondition(f"the runtime wrote no pid to {path}: {text!r}") from None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -333,9 +344,8 @@ class ShimService:
         created = False
         try:
             async with task.lock:
-                # One worker thread trip: the bundle's config.json looked at, then the rootfs mounted.
                 task.poststop_hooks, task.rootfs_mounted = await trio.to_thread.run_sync(_prepare_bundle, bundle,
-                                                                                         rootfs)
+                                                                                         rootfs, task.init.io)
                 console = None
                 if stdio.terminal:
                     console = task.init.io.console_socket(self._console_path(f"{call.namespace}/{args.id}"))
@@ -355,10 +365,10 @@ class ShimService:
                         raise
                 created = True
                 task.init.io.close_child_ends()
-                task.init.pid = await self._read_pid(pid_file)
+                task.init.pid, oom = await trio.to_thread.run_sync(_init_pid_and_oom_watch, pid_file)
                 self.reaper.watch(task.init.pid, lambda code: self._on_exit(task, task.init, code))
+                self.nursery.start_soon(self._watch_oom, task, oom)  # it closes the watch, even if cancelled
                 await task.init.io.start(self.nursery)
-                self.nursery.start_soon(self._watch_oom, task)
                 if args.start:
                     task.init.status = "running"
         except BaseException:
@@ -375,13 +385,13 @@ class ShimService:
             await self._release_exit(task, task.init)
         return {"pid": task.init.pid}
 
-    async def _watch_oom(self, task: Task) -> None:
+    async def _watch_oom(self, task: Task, watch: OOMWatch | None) -> None:
         def oom() -> None:
             log.warning("task_oom", container_id=task.id, namespace=task.namespace)
             self._publish(task, "/tasks/oom", {"container_id": task.id})
 
         with task.oom_watch:
-            await watch_oom(task.init.pid, oom)
+            await watch_oom(watch, oom)
 
     async def _discard(self, task: Task, *, runtime_created: bool) -> None:
         """Undo a create: the runtime's container, the rootfs mount, the stdio; forget the task."""
@@ -437,7 +447,13 @@ class ShimService:
     async def _start_exec(self, task: Task, process: Process) -> None:
         self._warm_up.start(self.nursery)  # the runtime moves the exec process into the task's cgroup
         spec_path = task.bundle / f"exec-{process.exec_id}.json"
-        await trio.to_thread.run_sync(spec_path.write_text, json.dumps(process.spec))
+        runtime_log = task.bundle / f"exec-{process.exec_id}.log.json"
+
+        def write_spec() -> None:
+            spec_path.write_text(json.dumps(process.spec))
+            runtime_log.unlink(missing_ok=True)  # an earlier exec's of the same id
+
+        await trio.to_thread.run_sync(write_spec)
         console = None
         if process.io.config.terminal:
             console = process.io.console_socket(
@@ -451,12 +467,12 @@ class ShimService:
                 nursery.start_soon(process.io.receive_console)
             try:
                 await task.runtime.exec(task.id, spec_path, pid_file=pid_file, stdio=child, console_socket=console,
-                                        log=task.bundle / f"exec-{process.exec_id}.log.json")
+                                        log=runtime_log)
             except BaseException:
                 nursery.cancel_scope.cancel()
                 raise
         process.io.close_child_ends()
-        process.pid = await self._read_pid(pid_file)
+        process.pid = await trio.to_thread.run_sync(_read_pid, pid_file)
         process.status = "running"
         self.reaper.watch(process.pid, lambda code: self._on_exit(task, process, code))
         await process.io.start(self.nursery)

@@ -170,14 +170,20 @@ class ProcessIO:
 
     # ------------------------------------------------------------------ running
 
+    def open_log(self) -> None:
+        """Open the log file (``config.log``, if any) for :meth:`start`. Blocking: a worker thread's job,
+        done with the caller's other set-up. Raises: OSError."""
+        if self.config.log and self._log_fd is None:
+            self._log_fd = os.open(self.config.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
     async def start(self, nursery: trio.Nursery) -> None:
-        """Open the log file and FIFOs, then copy output (and the stdin FIFO) in ``nursery``'s tasks.
+        """Open the log file (unless :meth:`open_log` did) and the FIFOs, then copy output (and the stdin
+        FIFO) in ``nursery``'s tasks.
 
         Raises: OSError opening the log file or a FIFO.
         """
-        if self.config.log:
-            self._log_fd = await trio.to_thread.run_sync(
-                lambda: os.open(self.config.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+        if self.config.log and self._log_fd is None:
+            await trio.to_thread.run_sync(self.open_log)
         for name in ("stdout", "stderr"):
             path = getattr(self.config, f"{name}_fifo")
             if path:
