@@ -7,6 +7,8 @@
  * it starts one for the next command and runs this one with Python itself.
  *
  *   berth-launch PYTHON [ARGS...]     (bin/berth runs it when it is installed beside it)
+ *   berth [ARGS...]                   (built with -DBERTH_PYTHON='"/path/to/python3"': the launcher
+ *                                      itself, one exec fewer per command; scripts/setup.sh installs it)
  *
  * Wire format (client/cliserver.py): u32 big-endian length, then NUL-separated fields
  * "berth-cli-1", cwd, argc, argv..., env... with descriptors 0, 1, 2 attached (SCM_RIGHTS); then
@@ -151,6 +153,11 @@ static int send_request(void) {
 }
 
 int main(int argc, char **argv) {
+#ifdef BERTH_PYTHON
+    python = BERTH_PYTHON;
+    command_args = argv + 1;
+    command_argc = argc - 1;
+#else
     if (argc < 2) {
         fprintf(stderr, "usage: berth-launch PYTHON [ARGS...]\n");
         return 2;
@@ -158,6 +165,7 @@ int main(int argc, char **argv) {
     python = argv[1];
     command_args = argv + 2;
     command_argc = argc - 2;
+#endif
 
     const char *runtime = getenv("XDG_RUNTIME_DIR");
     char directory[sizeof socket_path];

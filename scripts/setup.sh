@@ -27,7 +27,12 @@ PYTHON=${PYTHON:-python3}
 "$PYTHON" -m compileall -q core plugins runtimes snapshotters client conformance >/dev/null
 
 # The `berth` launcher hands commands to a warm command server; compiled, it skips even the few
-# milliseconds of a bare Python start-up (bin/berth uses it when it sits beside it).
+# milliseconds of a bare Python start-up. berth-launch is what bin/berth (pip's copy) runs when it sits
+# beside it; the compiled `berth`, with this Python built in, then takes the place of pip's copy and
+# saves the shell's exec too (a later `pip install` puts the script back, which still finds berth-launch).
 bindir=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+interpreter=$("$PYTHON" -c 'import sys; print(sys.executable)')
 cc -O2 -Wall -o "$bindir/berth-launch.new" bin/berth-launch.c
 mv "$bindir/berth-launch.new" "$bindir/berth-launch"
+cc -O2 -Wall -DBERTH_PYTHON="\"$interpreter\"" -o "$bindir/berth.new" bin/berth-launch.c
+mv "$bindir/berth.new" "$bindir/berth"

@@ -23,17 +23,23 @@ from berth.client.cliserver import pid_file_of
 SOURCES = Path(__file__).resolve().parent.parent / "bin"
 
 
-@pytest.fixture(scope="session", params=["python", "compiled"])
+@pytest.fixture(scope="session", params=["python", "compiled", "compiled-as-berth"])
 def launcher(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bin/berth installed as pip installs it (beside a ``python3``), with or without ``berth-launch``."""
+    """bin/berth installed as pip installs it (beside a ``python3``), with or without ``berth-launch``; or
+    the launcher compiled with its Python built in, as ``berth`` itself (as scripts/setup.sh installs it)."""
     directory = tmp_path_factory.mktemp(f"launcher-{request.param}")
     shutil.copy(SOURCES / "berth", directory / "berth")
     (directory / "python3").symlink_to(sys.executable)
-    if request.param == "compiled":
+    if request.param.startswith("compiled"):
         compiler = shutil.which("cc")
         if compiler is None:
             pytest.skip("no C compiler to build bin/berth-launch.c (scripts/setup.sh installs gcc)")
-        subprocess.run([compiler, "-O2", "-Wall", "-Werror", "-o", str(directory / "berth-launch"),
+        if request.param == "compiled":
+            output, defines = directory / "berth-launch", []
+        else:
+            output, defines = directory / "berth", [f'-DBERTH_PYTHON="{sys.executable}"']
+            output.unlink()
+        subprocess.run([compiler, "-O2", "-Wall", "-Werror", *defines, "-o", str(output),
                         str(SOURCES / "berth-launch.c")], check=True, timeout=120)
     return directory / "berth"
 
