@@ -90,7 +90,8 @@ def serving(path: str, port: int, reply: str) -> Iterator[None]:
 
 def host_state(subnet_prefix: str, tag: str = "berth ") -> dict[str, object]:
     """What the host has of ours: veths whose alias starts with ``tag``, addresses and routes in
-    ``subnet_prefix`` (never other engineers' links or rules: tests elsewhere may run meanwhile)."""
+    ``subnet_prefix`` (never other engineers' links or rules: tests elsewhere may run meanwhile). A route's
+    ``linkdown`` flag is left out: a bridge loses its carrier a moment after its last port goes."""
     addresses = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
     routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
     veths = set()
@@ -100,7 +101,7 @@ def host_state(subnet_prefix: str, tag: str = "berth ") -> dict[str, object]:
                 veths.add(link.name)
     return {"veths": veths, "addresses": sorted(line.split()[3] for line in addresses.splitlines()
                                                  if subnet_prefix in line),
-            "routes": sorted(line for line in routes.splitlines() if subnet_prefix in line)}
+            "routes": sorted(line.replace(" linkdown", "") for line in routes.splitlines() if subnet_prefix in line)}
 
 
 # ---------------------------------------------------------------------------------------------- IPAM
