@@ -321,7 +321,8 @@ class TaskService:
         return (namespace, container_id) in self.records
 
     def container_dir(self, namespace: str, container_id: str) -> Path:
-        """The container's persistent directory (its log, its ``/etc`` files)."""
+        """The container's persistent directory: its log, and its ``hostname``, ``hosts`` and ``resolv.conf``
+        (bind-mounted on ``/etc``; containers made by earlier versions have them in an ``etc`` subdirectory)."""
         return self.root / namespace / container_id
 
     # ------------------------------------------------------------------ containers
@@ -370,7 +371,7 @@ class TaskService:
             await self.containers.get(container_id)
             raise AlreadyExists(f"container {container_id} already exists in namespace {namespace}")
         spec_options = options.spec_options()
-        spec_options.etc_dir = self.container_dir(namespace, container_id) / "etc"
+        spec_options.etc_dir = self.container_dir(namespace, container_id)
         request = await self._network_request(namespace, container_id, options, spec_options)
         extensions = {NETWORK_EXTENSION: request.to_wire()} if request is not None else {}
 
@@ -616,7 +617,7 @@ class TaskService:
         hostname = str(container.spec.get("hostname") or container.id)
         attachment = await self.network.attach(namespace, container.id, NetworkRequest.from_wire(raw),
                                                hostname=hostname)
-        etc = self.container_dir(namespace, container.id) / "etc"
+        etc = _etc_files_directory(container.spec) or self.container_dir(namespace, container.id)
         addresses = [a.split("/")[0] for i in attachment.interfaces if i.name != "lo" for a in i.addresses]
         await trio.to_thread.run_sync(_write_network_files, etc, hostname, addresses, list(attachment.dns))
 
@@ -938,6 +939,14 @@ def parse_port(text: str) -> PortMapping:
         raise InvalidArgument(f"port {text!r}: ports are 1-65535 and the protocol tcp or udp")
     return PortMapping(host_port=host_port, container_port=container_port, protocol=protocol,
                        host_ip=host_ip.strip("[]") or "127.0.0.1")
+
+
+def _etc_files_directory(spec: Mapping[str, Any]) -> Path | None:
+    """Where the container's ``/etc/hosts`` comes from (the directory of its bind mount's source)."""
+    for mount in spec.get("mounts") or []:
+        if isinstance(mount, dict) and mount.get("destination") == "/etc/hosts" and mount.get("source"):
+            return Path(mount["source"]).parent
+    return None
 
 
 def _write_network_files(etc: Path, hostname: str, addresses: list[str], dns: list[str]) -> None:
