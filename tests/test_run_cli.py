@@ -170,11 +170,11 @@ def test_a_full_disk_loses_log_lines_not_the_container(daemon: BerthdProcess, ci
     assert daemon.cli("containers", "create", IMAGE, cid, "sh", "-c",
                       "head -c 1048576 /dev/zero | tr '\\0' x; exit 9").returncode == 0
     directory = daemon.root / "io.berth.service.v1.tasks-service" / "default" / cid
-    saved = tmp_path / "etc"
-    shutil.copytree(directory / "etc", saved)
+    saved = tmp_path / "saved"  # its /etc files, put back on the tmpfs
+    shutil.copytree(directory, saved)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)], check=True)
     try:
-        shutil.copytree(saved, directory / "etc")
+        shutil.copytree(saved, directory, dirs_exist_ok=True)
         with daemon.client(timeout=60) as client:
             client.call("tasks.create", {"container_id": cid})
             received = 0
