@@ -617,7 +617,9 @@ class TaskService:
         hostname = str(container.spec.get("hostname") or container.id)
         attachment = await self.network.attach(namespace, container.id, NetworkRequest.from_wire(raw),
                                                hostname=hostname)
-        etc = _etc_files_directory(container.spec) or self.container_dir(namespace, container.id)
+        etc = _etc_files_directory(container.spec)
+        if etc is None:  # a spec of its own, without berth's /etc files: nothing to write them into
+            return
         addresses = [a.split("/")[0] for i in attachment.interfaces if i.name != "lo" for a in i.addresses]
         await trio.to_thread.run_sync(_write_network_files, etc, hostname, addresses, list(attachment.dns))
 

@@ -318,7 +318,6 @@ class ShimService:
             code, process.pending_exit = process.pending_exit, None
             await self._finish_exit(task, process, code)
 
-
     # ------------------------------------------------------------------ lifecycle
 
     @typed_args(CreateArgs)
