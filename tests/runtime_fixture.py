@@ -252,12 +252,3 @@ def runtime_lab(base: Path) -> Iterator[RuntimeLab]:
         problems = lab.teardown()
     if problems:
         pytest.fail("the test left things behind: " + "; ".join(problems))
-
-
-def wait_for(predicate: Any, timeout: float = 10, what: str = "condition") -> None:
-    """Poll ``predicate`` until it is true or fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)

@@ -4,7 +4,6 @@ and as a JSON log line) and leaves no cgroup, mount, process or state directory 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -142,4 +141,3 @@ def test_a_failing_prestart_hook_leaves_nothing(lab: RuntimeLab) -> None:
     assert "prestart" in result.stderr
     assert runtime.container_ids() == []
     assert lab.cgroup_leftovers() == []
-    assert os.path.exists(lab.base)

@@ -100,13 +100,19 @@ class Containerd:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Kill the shims (found by our socket in their command line) and containerd, by pid."""
+        """Kill the shims (found by our socket in their command line), containerd and any container left in
+        the namespace's cgroups, by pid; remove those cgroups."""
         kill_pids([pid for pid in pids_mentioning(self.address) if pid != self.proc.pid])
         self.proc.kill()
         self.proc.wait()
         self.log.close()
+        cgroups = [p for p in Path("/sys/fs/cgroup").glob(f"*/{self.namespace}") if p.is_dir()]
+        kill_pids([int(pid) for cgroup in cgroups for procs in cgroup.rglob("cgroup.procs")
+                   for pid in procs.read_text().split()])
         unmount_under(self.base)
         shutil.rmtree(f"/run/containerd/runc/{self.namespace}", ignore_errors=True)
+        for cgroup in cgroups:
+            remove_empty_cgroups(cgroup)
 
 
 @pytest.fixture

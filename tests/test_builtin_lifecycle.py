@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from polling import alive, wait_for
 
-from tests.runtime_fixture import Runtime, RuntimeLab, base_spec, berth_runtime_binary, runtime_lab, wait_for
+from tests.runtime_fixture import Runtime, RuntimeLab, base_spec, berth_runtime_binary, runtime_lab
 
 pytestmark = pytest.mark.privileged
 
@@ -38,7 +39,18 @@ def status_of(runtime: Runtime, container_id: str) -> str:
 def blocked_on_the_fifo(pid: int) -> bool:
     """The init has not exec'd the user's program: it is still the runtime's Python, in open(2)."""
     return Path(f"/proc/{pid}/exe").resolve().name.startswith("python") and \
-        Path(f"/proc/{pid}/wchan").read_text() in ("fifo_open", "wait_for_partner", "pipe_wait", "")
+        Path(f"/proc/{pid}/wchan").read_text() in ("fifo_open", "wait_for_partner", "pipe_wait")
+
+
+def frozen(pid: int) -> bool:
+    """Whether ``pid``'s freezer cgroup (v1) or cgroup (v2) is frozen."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "freezer" in controllers.split(","):
+            return Path(f"/sys/fs/cgroup/freezer{path}/freezer.state").read_text().strip() == "FROZEN"
+        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            return "frozen 1" in Path(f"/sys/fs/cgroup{path}/cgroup.events").read_text().splitlines()
+    raise AssertionError(f"no freezer cgroup for pid {pid}")
 
 
 def test_create_blocks_the_init_until_start(lab: RuntimeLab, runtime: Runtime) -> None:
@@ -50,7 +62,7 @@ def test_create_blocks_the_init_until_start(lab: RuntimeLab, runtime: Runtime) -
     assert state["id"] == "c1"
     assert state["bundle"] == str(bundle)
     assert state["pid"] == int(pid_file.read_text())
-    assert blocked_on_the_fifo(state["pid"])
+    wait_for(lambda: blocked_on_the_fifo(state["pid"]), what="the init blocking on the exec fifo")
     assert out.read_text() == ""
     runtime.run("start", "c1")
     wait_for(lambda: out.read_text() == "started\n", what="the container's output")
@@ -93,7 +105,7 @@ def test_delete_refuses_a_running_container_unless_forced(lab: RuntimeLab, runti
     assert "running" in refused.stderr
     assert status_of(runtime, "c1") == "running"
     runtime.run("delete", "--force", "c1")
-    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    assert not alive(pid)
     assert runtime.container_ids() == []
     assert lab.cgroup_leftovers() == []
 
@@ -129,9 +141,10 @@ def test_exec_ps_list_pause_resume(lab: RuntimeLab, runtime: Runtime) -> None:
 
     runtime.run("pause", "c1")
     assert status_of(runtime, "c1") == "paused"
-    assert Path(f"/proc/{pids[0]}/stat").read_text().split()[2] in ("S", "D")
+    assert frozen(pids[0])
     runtime.run("resume", "c1")
     assert status_of(runtime, "c1") == "running"
+    assert not frozen(pids[0])
     runtime.run("delete", "--force", "c1")
 
 

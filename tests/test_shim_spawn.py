@@ -61,8 +61,9 @@ def test_the_warm_up_moves_the_process_into_its_own_cgroup() -> None:
     with open(procs) as f:
         assert str(os.getpid()) in f.read().split()
 
+    warm = CgroupWarmUp()
+
     async def main() -> None:
-        warm = CgroupWarmUp()
         async with trio.open_nursery() as nursery:
             warm.start(nursery)
             warm.start(nursery)  # one at a time: this one does nothing
@@ -70,5 +71,6 @@ def test_the_warm_up_moves_the_process_into_its_own_cgroup() -> None:
     with open(f"/proc/{os.getpid()}/cgroup") as f:
         before = f.read()
     trio.run(main)
+    assert warm._procs == procs  # the write went through (a failed one gives up: None)
     with open(f"/proc/{os.getpid()}/cgroup") as f:
         assert f.read() == before  # moved where it already was

@@ -492,11 +492,9 @@ def test_list_and_get_report_each_status(tasks: Tasks) -> None:
 
 def test_logs_and_follow(tasks: Tasks) -> None:
     cid = tasks.task("logs", ["sh", "-c", "echo first; sleep 0.6; echo second >&2; sleep 0.3; echo third"])
-    started = time.monotonic()
     followed = b"".join(item["data"] for item in tasks.client.stream("tasks.logs", {"container_id": cid,
                                                                                     "follow": True}))
-    assert followed == b"first\nsecond\nthird\n"
-    assert time.monotonic() - started < 10  # the follow ended with the task
+    assert followed == b"first\nsecond\nthird\n"  # the follow ended with the task (else the test times out)
     assert tasks.status(cid) == "stopped"
     assert tasks.log(cid) == followed
     with pytest.raises(NotFound):
