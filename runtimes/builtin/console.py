@@ -17,6 +17,7 @@ import struct
 import termios
 
 from berth.core.errdefs import InvalidArgument
+from berth.core.linux import MS_BIND
 from berth.runtimes.builtin import linux
 
 __all__ = ["connect_console_socket", "receive_pty", "setup_pty"]
@@ -48,7 +49,7 @@ def setup_pty(console_fd: int, mount_console: bool) -> None:
         if mount_console:
             if not os.path.exists("/dev/console"):
                 os.close(os.open("/dev/console", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-            linux.mount(slave_path, "/dev/console", None, linux.MS_BIND)
+            linux.mount(slave_path, "/dev/console", None, MS_BIND)
         sock = socket.socket(fileno=console_fd)
         try:
             sock.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [master]))])

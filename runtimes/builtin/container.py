@@ -69,12 +69,9 @@ def _write_pid_file(path: str | None, pid: int) -> None:
 
 
 def _hook_state(container: Container, status: str, pid: int) -> dict[str, Any]:
-    """The OCI state a hook reads on stdin (``pid`` only while there is a process, as runc writes it)."""
-    state = {"ociVersion": "1.0.2", "id": container.id, "status": status, "pid": pid, "bundle": container.bundle,
-             "annotations": container.record["spec"].get("annotations") or {}}
-    if pid <= 0:
-        del state["pid"]
-    return state
+    from berth.runtimes.builtin.hooks import hook_state  # only with hooks: it imports json and subprocess
+
+    return hook_state(container.id, status, pid, container.bundle, container.record["spec"])
 
 
 def _kill_all(cgroups: Cgroups | None, pids: Iterable[int] = ()) -> None:
@@ -344,18 +341,18 @@ def exec_process(container_id: str, process: dict[str, Any], root: str = DEFAULT
     if status not in ("created", "running"):
         raise FailedPrecondition(f"cannot exec in container {container_id}: it is {status}")
     check_process(process)
-    cgroups = container.cgroups
-    if cgroups is not None:
-        cgroups.start_warm_up()  # see Cgroups.start_warm_up
-    from berth.runtimes.builtin import linux
-    from berth.runtimes.builtin.process import Launch, launch, namespace_files
-
     if process.get("terminal") and not console_socket:
         raise InvalidArgument("process.terminal is set: a --console-socket is required")
-    spec = container.spec
-    seccomp = _prepare_imports({"linux": spec.get("linux")}, process)
+    cgroups = container.cgroups
+    if cgroups is not None:
+        cgroups.start_warm_up()  # see Cgroups.start_warm_up; finished below, whatever happens
     fds: list[int] = []
     try:
+        from berth.runtimes.builtin import linux
+        from berth.runtimes.builtin.process import Launch, launch, namespace_files
+
+        spec = container.spec
+        seccomp = _prepare_imports({"linux": spec.get("linux")}, process)
         try:
             join = namespace_files(container.pid, spec)
         except FileNotFoundError:

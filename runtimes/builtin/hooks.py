@@ -20,11 +20,20 @@ TYPE_CHECKING = False  # not typing's: importing typing costs every runtime call
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["HookFailed", "run_hooks"]
+__all__ = ["HookFailed", "hook_state", "run_hooks"]
 
 
 class HookFailed(FailedPrecondition):
     """A hook could not run, failed, or timed out."""
+
+
+def hook_state(container_id: str, status: str, pid: int, bundle: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The OCI state a hook reads on stdin (``pid`` only while there is a process, as runc writes it)."""
+    state = {"ociVersion": "1.0.2", "id": container_id, "status": status, "pid": pid, "bundle": bundle,
+             "annotations": spec.get("annotations") or {}}
+    if pid <= 0:
+        del state["pid"]
+    return state
 
 
 def run_hooks(phase: str, hooks: list[dict[str, Any]], state: dict[str, Any]) -> None:

@@ -2,56 +2,14 @@
 
 Every function raises :class:`OSError` (errno, message, and the path when there is one) on failure, so the
 rest of the runtime reads as plain Python. Only the stdlib is imported here. Constants are the kernel's
-(``<linux/sched.h>``, ``<linux/mount.h>``, ``<linux/prctl.h>``, ``<linux/capability.h>``).
+(``<linux/sched.h>``, ``<linux/prctl.h>``, ``<linux/capability.h>``); the mount flags are in
+:mod:`berth.core.linux`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-
-from berth.core.linux import (  # mount(2) flags, shared with the snapshot mounts
-    MNT_DETACH as MNT_DETACH,
-)
-from berth.core.linux import (
-    MS_BIND as MS_BIND,
-)
-from berth.core.linux import (
-    MS_MOVE as MS_MOVE,
-)
-from berth.core.linux import (
-    MS_NOATIME as MS_NOATIME,
-)
-from berth.core.linux import (
-    MS_NODEV as MS_NODEV,
-)
-from berth.core.linux import (
-    MS_NODIRATIME as MS_NODIRATIME,
-)
-from berth.core.linux import (
-    MS_NOEXEC as MS_NOEXEC,
-)
-from berth.core.linux import (
-    MS_NOSUID as MS_NOSUID,
-)
-from berth.core.linux import (
-    MS_PRIVATE as MS_PRIVATE,
-)
-from berth.core.linux import (
-    MS_RDONLY as MS_RDONLY,
-)
-from berth.core.linux import (
-    MS_REC as MS_REC,
-)
-from berth.core.linux import (
-    MS_RELATIME as MS_RELATIME,
-)
-from berth.core.linux import (
-    MS_REMOUNT as MS_REMOUNT,
-)
-from berth.core.linux import (
-    MS_SLAVE as MS_SLAVE,
-)
 
 # clone/unshare/setns namespace flags.
 CLONE_NEWNS = 0x00020000

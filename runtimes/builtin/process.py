@@ -318,7 +318,8 @@ def _container_process(ctx: Launch, chan: _Channel) -> None:
     # The runtime moves this process into its cgroups and then acknowledges, with its pid on the host.
     # Hooks run in the cgroups: with hooks, the acknowledgement is awaited after the mounts; without, as
     # late as possible (before seccomp, which could forbid reading it), so the setup overlaps the move.
-    hooks_first = ctx.init and (ctx.runtime_hooks is not None or bool((spec.get("hooks") or {}).get("createContainer")))
+    container_hooks = (spec.get("hooks") or {}).get("createContainer") if ctx.init else None
+    hooks_first = ctx.init and (ctx.runtime_hooks is not None or bool(container_hooks))
     host_pid = 0
     if ctx.init:
         user_ns = "user" in ctx.namespaces
@@ -329,7 +330,6 @@ def _container_process(ctx: Launch, chan: _Channel) -> None:
         if ctx.runtime_hooks is not None:
             chan.send(type="hooks")
             chan.expect_ok()
-        container_hooks = (spec.get("hooks") or {}).get("createContainer")
         if container_hooks:
             from berth.runtimes.builtin.hooks import run_hooks
 
@@ -403,8 +403,9 @@ def _container_process(ctx: Launch, chan: _Channel) -> None:
 
 
 def _hook_state(ctx: Launch, status: str, pid: int) -> dict[str, Any]:
-    return {"ociVersion": "1.0.2", "id": ctx.id, "status": status, "pid": pid, "bundle": ctx.bundle,
-            "annotations": ctx.spec.get("annotations") or {}}
+    from berth.runtimes.builtin.hooks import hook_state  # only with hooks: it imports json and subprocess
+
+    return hook_state(ctx.id, status, pid, ctx.bundle, ctx.spec)
 
 
 def _init_system(ctx: Launch) -> None:

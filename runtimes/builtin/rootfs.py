@@ -18,7 +18,24 @@ import os
 import stat
 
 from berth.core.errdefs import InvalidArgument
-from berth.core.linux import MOUNT_FLAGS, MOUNT_PROPAGATION
+from berth.core.linux import (
+    MNT_DETACH,
+    MOUNT_FLAGS,
+    MOUNT_PROPAGATION,
+    MS_BIND,
+    MS_MOVE,
+    MS_NOATIME,
+    MS_NODEV,
+    MS_NODIRATIME,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_RELATIME,
+    MS_REMOUNT,
+    MS_SLAVE,
+)
 from berth.runtimes.builtin import linux
 from berth.runtimes.builtin.cgroups import Cgroups, hierarchies
 
@@ -38,9 +55,9 @@ _DEV_SYMLINKS = (("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin")
 _EXTENSIONS = frozenset(("tmpcopyup",))
 _UNSUPPORTED = frozenset(("idmap", "ridmap"))
 # Flags a bind remount has to repeat when the kernel has locked them on the source.
-_LOCKABLE = ((linux.ST_NOSUID, linux.MS_NOSUID), (linux.ST_NODEV, linux.MS_NODEV), (linux.ST_NOEXEC, linux.MS_NOEXEC),
-             (linux.ST_NOATIME, linux.MS_NOATIME), (linux.ST_NODIRATIME, linux.MS_NODIRATIME),
-             (linux.ST_RELATIME, linux.MS_RELATIME))
+_LOCKABLE = ((linux.ST_NOSUID, MS_NOSUID), (linux.ST_NODEV, MS_NODEV), (linux.ST_NOEXEC, MS_NOEXEC),
+             (linux.ST_NOATIME, MS_NOATIME), (linux.ST_NODIRATIME, MS_NODIRATIME),
+             (linux.ST_RELATIME, MS_RELATIME))
 
 
 class MountOptions:
@@ -126,7 +143,7 @@ def _locked_flags(path: str) -> int:
 
 def bind_remount(path: str, flags: int) -> None:
     """Change the flags of the bind mount at ``path``, keeping any the kernel has locked on it."""
-    flags = (flags & ~linux.MS_REC) | linux.MS_BIND | linux.MS_REMOUNT
+    flags = (flags & ~MS_REC) | MS_BIND | MS_REMOUNT
     try:
         linux.mount(None, path, None, flags)
     except PermissionError:
@@ -160,16 +177,16 @@ class Mounter:
         propagation = linux_spec.get("rootfsPropagation") or "rslave"
         if propagation not in MOUNT_PROPAGATION:
             raise InvalidArgument(f"linux.rootfsPropagation {propagation!r} is not a propagation type")
-        linux.mount(None, "/", None, MOUNT_PROPAGATION[propagation] | linux.MS_REC)
+        linux.mount(None, "/", None, MOUNT_PROPAGATION[propagation] | MS_REC)
         self._make_parent_private()
-        linux.mount(self.rootfs, self.rootfs, None, linux.MS_BIND | linux.MS_REC)
+        linux.mount(self.rootfs, self.rootfs, None, MS_BIND | MS_REC)
         bind_dev = False
         for i, mount in enumerate(self.spec.get("mounts") or ()):
             options = parse_options(mount.get("options") or [])
             dest = resolve_in_root(self.rootfs, mount["destination"])
             if dest.rstrip("/") == self.rootfs.rstrip("/"):
                 raise InvalidArgument(f"mounts[{i}]: cannot mount over the rootfs itself")
-            if options.flags & linux.MS_BIND and os.path.normpath(mount["destination"]) == "/dev":
+            if options.flags & MS_BIND and os.path.normpath(mount["destination"]) == "/dev":
                 bind_dev = True
             self.mount(mount, options, dest)
         if not bind_dev:
@@ -185,21 +202,21 @@ class Mounter:
                 if (self.rootfs + "/").startswith(mountpoint.rstrip("/") + "/") and len(mountpoint) >= len(best):
                     best, shared = mountpoint, any(opt.startswith("shared:") for opt in fields[6:])
         if shared:
-            linux.mount(None, best, None, linux.MS_PRIVATE)
+            linux.mount(None, best, None, MS_PRIVATE)
 
     def mount(self, mount: dict[str, Any], options: MountOptions, dest: str) -> None:
         """One ``mounts`` entry at host path ``dest``."""
         kind = mount.get("type") or ""
         source = mount.get("source") or ""
         flags = options.flags
-        if flags & linux.MS_BIND or kind == "bind":
+        if flags & MS_BIND or kind == "bind":
             if not os.path.isabs(source):
                 source = os.path.join(self.bundle, source)
             if not os.path.exists(source):
                 raise InvalidArgument(f"bind mount source {source} does not exist")
             _make_target(dest, os.path.isdir(source))
-            linux.mount(source, dest, None, linux.MS_BIND | (flags & linux.MS_REC))
-            if flags & ~(linux.MS_BIND | linux.MS_REC):
+            linux.mount(source, dest, None, MS_BIND | (flags & MS_REC))
+            if flags & ~(MS_BIND | MS_REC):
                 bind_remount(dest, flags)
         elif kind == "cgroup":
             self._mount_cgroup(dest, options)
@@ -221,7 +238,7 @@ class Mounter:
             fallback = {"sysfs": "/sys", "mqueue": "/dev/mqueue"}.get(kind)
             if not self.user_ns or fallback is None:
                 raise
-            linux.mount(fallback, dest, None, linux.MS_BIND | linux.MS_REC)
+            linux.mount(fallback, dest, None, MS_BIND | MS_REC)
             bind_remount(dest, options.flags)
 
     def _tmpcopyup(self, source: str, kind: str, dest: str, options: MountOptions) -> None:
@@ -232,7 +249,7 @@ class Mounter:
             linux.mount(source, staging, kind, options.flags, options.data)
             for name in os.listdir(dest):
                 _copy_tree(os.path.join(dest, name), os.path.join(staging, name))
-            linux.mount(staging, dest, None, linux.MS_MOVE)
+            linux.mount(staging, dest, None, MS_MOVE)
         finally:
             os.rmdir(staging)
 
@@ -246,10 +263,10 @@ class Mounter:
             if self.cgroup_ns or self.cgroups is None:
                 linux.mount("cgroup2", dest, "cgroup2", flags)
             else:
-                linux.mount(self.cgroups.paths[""], dest, None, linux.MS_BIND)
+                linux.mount(self.cgroups.paths[""], dest, None, MS_BIND)
                 bind_remount(dest, flags)
             return
-        linux.mount("tmpfs", dest, "tmpfs", flags & ~linux.MS_RDONLY, "mode=755")
+        linux.mount("tmpfs", dest, "tmpfs", flags & ~MS_RDONLY, "mode=755")
         for hierarchy in found:
             if not hierarchy.key:
                 continue  # the hybrid layout's cgroup2 holds no controllers: runc leaves it out too
@@ -260,13 +277,13 @@ class Mounter:
                 data = hierarchy.key if hierarchy.key.startswith("name=") else name
                 linux.mount("cgroup", target, "cgroup", flags, data if "name=" not in data else "none," + data)
             else:
-                linux.mount(self.cgroups.paths[hierarchy.key], target, None, linux.MS_BIND)
+                linux.mount(self.cgroups.paths[hierarchy.key], target, None, MS_BIND)
                 bind_remount(target, flags)
             if "," in name:
                 for single in name.split(","):
                     os.symlink(name, os.path.join(dest, single))
-        if flags & linux.MS_RDONLY:
-            linux.mount(None, dest, None, linux.MS_REMOUNT | flags, "mode=755")
+        if flags & MS_RDONLY:
+            linux.mount(None, dest, None, MS_REMOUNT | flags, "mode=755")
 
     def _setup_dev(self, devices: list[dict[str, Any]]) -> None:
         """The device nodes (``linux.devices`` and the defaults), /dev symlinks and /dev/ptmx."""
@@ -307,7 +324,7 @@ class Mounter:
         if self.user_ns:
             # mknod is not allowed in a user namespace: bind the host's node instead.
             _make_target(path, False)
-            linux.mount(device["path"], path, None, linux.MS_BIND)
+            linux.mount(device["path"], path, None, MS_BIND)
             return
         file_type = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}.get(kind)
         if file_type is None:
@@ -343,7 +360,7 @@ def pivot(rootfs: str, no_pivot: bool) -> None:
     """Make ``rootfs`` the root: pivot_root and detach the old root, or move it over / and chroot."""
     if no_pivot:
         os.chdir(rootfs)
-        linux.mount(rootfs, "/", None, linux.MS_MOVE)
+        linux.mount(rootfs, "/", None, MS_MOVE)
         os.chroot(".")
         os.chdir("/")
         return
@@ -354,8 +371,8 @@ def pivot(rootfs: str, no_pivot: bool) -> None:
         linux.pivot_root(".", ".")
         # The old root is now stacked on "/": keep its unmount from reaching the host, then drop it.
         os.fchdir(old_root)
-        linux.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)
-        linux.umount2(".", linux.MNT_DETACH)
+        linux.mount(None, ".", None, MS_SLAVE | MS_REC)
+        linux.umount2(".", MNT_DETACH)
         os.chdir("/")
     finally:
         os.close(old_root)
@@ -367,18 +384,18 @@ def finalize_rootfs(spec: dict[str, Any]) -> None:
     linux_spec = spec.get("linux") or {}
     for path in linux_spec.get("readonlyPaths") or ():
         try:
-            linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+            linux.mount(path, path, None, MS_BIND | MS_REC)
         except FileNotFoundError:
             continue
-        bind_remount(path, linux.MS_RDONLY | _locked_flags(path))
+        bind_remount(path, MS_RDONLY | _locked_flags(path))
     for path in linux_spec.get("maskedPaths") or ():
         try:
-            linux.mount("/dev/null", path, None, linux.MS_BIND)
+            linux.mount("/dev/null", path, None, MS_BIND)
         except FileNotFoundError:
             continue
         except OSError as exc:
             if exc.errno != errno.ENOTDIR:
                 raise
-            linux.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY)
+            linux.mount("tmpfs", path, "tmpfs", MS_RDONLY)
     if (spec.get("root") or {}).get("readonly"):
-        bind_remount("/", linux.MS_RDONLY | _locked_flags("/"))
+        bind_remount("/", MS_RDONLY | _locked_flags("/"))
