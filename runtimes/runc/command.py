@@ -147,17 +147,17 @@ class RuncCommand:
             message = await trio.to_thread.run_sync(last_log_error, log)
             raise classify(message or f"exit status {code}", f"{self.runtime.name} {args[0]}")
 
-    async def create(self, container_id: str, bundle: Path, *, pid_file: Path, stdio: tuple[int, int, int],
-                     console_socket: Path | None = None, start: bool = False) -> None:
+    async def create(self, container_id: str, bundle: Path, *, pid_file: Path, log: Path,
+                     stdio: tuple[int, int, int], console_socket: Path | None = None, start: bool = False) -> None:
         """``create``; with ``start``, ``run --detach`` (created and started by one runtime process). The
-        runtime's log is ``<bundle>/log.json``: remove an earlier one first."""
+        runtime's errors go to ``log`` (which must not hold an earlier run's)."""
         args = ["run", "--detach"] if start else ["create"]
         args += ["--bundle", str(bundle), "--pid-file", str(pid_file)]
         if console_socket is not None:
             args += ["--console-socket", str(console_socket)]
         if self.runtime.no_pivot:
             args.append("--no-pivot")
-        await self._run_with_log([*args, container_id], bundle / "log.json", stdio=stdio)
+        await self._run_with_log([*args, container_id], log, stdio=stdio)
 
     async def exec(self, container_id: str, process: Path, *, pid_file: Path, log: Path,
                    stdio: tuple[int, int, int], console_socket: Path | None = None) -> None:

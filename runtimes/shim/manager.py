@@ -185,10 +185,8 @@ class ShimManager:
                     if answer.get("stopping"):
                         with trio.move_on_after(5):
                             await shim.gone.wait()
-                        for _ in range(500):  # its socket path is the next shim's: let it go first
-                            if not _alive(shim.pid):
-                                break
-                            await trio.sleep(0.01)
+                        with trio.move_on_after(5):  # its socket path is the next shim's: let it go first
+                            await _exited(shim.pid)
         finally:
             self._stopping.discard(group)
 
@@ -229,6 +227,18 @@ def shim_socket_path(socket_dir: Path, shim_directory: Path) -> Path:
     """The socket of the shim whose directory is ``shim_directory`` (named by a hash: socket paths are short)."""
     digest = hashlib.sha256(str(shim_directory).encode()).hexdigest()[:24]
     return socket_dir / f"{digest}.sock"
+
+
+async def _exited(pid: int) -> None:
+    """Wait until process ``pid`` has exited (its pidfd turns readable)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 def _alive(pid: int) -> bool:

@@ -99,10 +99,10 @@ class Task:
                 "execs": [p.to_wire() for p in self.execs.values()]}
 
 
-def _prepare_bundle(bundle: Path, rootfs: list[Mount], io: ProcessIO) -> tuple[bool, bool]:
-    """Check the bundle has a ``config.json``, remove the runtime's log of an earlier create, open the
-    init's log file (``io``) and mount ``rootfs`` (if any) on ``<bundle>/rootfs``; return whether the spec
-    has ``poststop`` hooks and whether anything was mounted. Blocking: one worker thread trip.
+def _prepare_bundle(bundle: Path, rootfs: list[Mount], io: ProcessIO, runtime_log: Path) -> bool:
+    """Check the bundle has a ``config.json``, remove ``runtime_log`` (an earlier create's), open the init's
+    log file (``io``) and mount ``rootfs`` (if any) on ``<bundle>/rootfs``; return whether the spec has
+    ``poststop`` hooks. Blocking: one worker thread trip.
 
     Raises: InvalidArgument (no config.json); OSError from the log file or the mounts.
     """
@@ -116,12 +116,12 @@ def _prepare_bundle(bundle: Path, rootfs: list[Mount], io: ProcessIO) -> tuple[b
         spec = {}  # the runtime says what is wrong with it
     hooks = spec.get("hooks") if isinstance(spec, dict) else None
     poststop = bool(hooks.get("poststop")) if isinstance(hooks, dict) else False
-    (bundle / "log.json").unlink(missing_ok=True)
+    runtime_log.unlink(missing_ok=True)
     io.open_log()
     if rootfs:
         (bundle / "rootfs").mkdir(exist_ok=True)
         mount_all(rootfs, bundle / "rootfs")
-    return poststop, bool(rootfs)
+    return poststop
 
 
 def _read_pid(path: Path) -> int:
@@ -333,7 +333,7 @@ class ShimService:
             raise AlreadyExists(f"task {args.id} already exists in namespace {call.namespace}")
         bundle = Path(args.bundle)
         if not bundle.is_absolute():
-            raise InvalidArgument(f"bundle {bundle}: no config.json")
+            raise InvalidArgument(f"bundle {bundle} is not an absolute path")
         self._warm_up.start(self.nursery)  # the runtime moves the init into its cgroups in some 10-30 ms
         stdio = StdioConfig.from_wire(args.stdio)
         runtime = RuncCommand(RuntimeBinary.from_wire(args.runtime), self.reaper)
@@ -343,8 +343,10 @@ class ShimService:
         created = False
         try:
             async with task.lock:
-                task.poststop_hooks, task.rootfs_mounted = await trio.to_thread.run_sync(_prepare_bundle, bundle,
-                                                                                         rootfs, task.init.io)
+                runtime_log = bundle / "log.json"
+                task.poststop_hooks = await trio.to_thread.run_sync(_prepare_bundle, bundle, rootfs, task.init.io,
+                                                                    runtime_log)
+                task.rootfs_mounted = bool(rootfs)
                 console = None
                 if stdio.terminal:
                     console = task.init.io.console_socket(self._console_path(f"{call.namespace}/{args.id}"))
@@ -357,8 +359,8 @@ class ShimService:
                     if console is not None:
                         nursery.start_soon(task.init.io.receive_console)
                     try:
-                        await runtime.create(args.id, bundle, pid_file=pid_file, stdio=child, console_socket=console,
-                                             start=args.start)
+                        await runtime.create(args.id, bundle, pid_file=pid_file, log=runtime_log, stdio=child,
+                                             console_socket=console, start=args.start)
                     except BaseException:
                         nursery.cancel_scope.cancel()
                         raise

@@ -31,7 +31,8 @@ _READER_BUFFER = 64
 _CHUNK = 64 * 1024
 #: How long to wait for the pty master from the runtime's ``--console-socket`` connection.
 CONSOLE_TIMEOUT = 10.0
-#: Bytes of output kept for the first reader of a ``hold`` stdio; past that the rest is only in the log.
+#: Bytes of output kept for the first reader of a ``hold`` stdio; past that, all of it is dropped (a reader
+#: would otherwise get output with a hole in it) and is only in the log.
 HOLD_LIMIT = 1 << 20
 _INT = struct.Struct("i")
 
@@ -48,8 +49,8 @@ class StdioConfig:
     stdin_fifo: str = ""
     stdout_fifo: str = ""
     stderr_fifo: str = ""
-    #: Keep the output written before the first reader attaches (up to ``HOLD_LIMIT`` bytes) and give it
-    #: to that reader first: a task started at once (``runc run``) loses nothing to the attach after it.
+    #: Keep the output written before the first reader attaches and give it to that reader first: a task
+    #: started at once (``runc run``) loses nothing to the attach after it (none is kept past ``HOLD_LIMIT``).
     hold: bool = False
 
     def to_wire(self) -> dict[str, Any]:
@@ -182,7 +183,7 @@ class ProcessIO:
 
         Raises: OSError opening the log file or a FIFO.
         """
-        if self.config.log and self._log_fd is None:
+        if self.config.log and self._log_fd is None:  # not opened with the caller's set-up
             await trio.to_thread.run_sync(self.open_log)
         for name in ("stdout", "stderr"):
             path = getattr(self.config, f"{name}_fifo")
