@@ -1,7 +1,8 @@
-"""The shim outlives berthd: tasks keep running across a daemon SIGKILL (same pid, still attachable, exec
-works), an exit while no daemon runs keeps its status, a SIGKILLed shim's tasks are reported stopped and
-their processes, bundles and rootfs mounts removed (whether the daemon saw the shim die or found it dead
-at start-up), and a shim with nothing left to supervise exits after ``shim_idle_timeout``.
+"""The shim outlives berthd: tasks keep running across a daemon SIGKILL or stop (same pid, still attachable,
+exec works; the issue's five-running-two-exit scenario), an exit while no daemon runs keeps its status, a
+SIGKILLed shim's tasks are reported stopped and their processes, bundles and rootfs mounts removed (whether
+the daemon saw the shim die or found it dead at start-up), and a shim with nothing left to supervise exits
+after ``shim_idle_timeout``.
 
 Each test has its own daemon configuration (root and state) that it starts again after killing it;
 the factory kills any shim or container left at the end.
@@ -73,6 +74,13 @@ class Node:
             client.call("containers.new", {"id": container_id, "image": IMAGE, "options": {"args": args}})
             client.call("tasks.create", {"container_id": container_id})
             return int(client.call("tasks.start", {"container_id": container_id})["pid"])
+
+    def run_detached(self, container_id: str, *command: str) -> int:
+        """``berth run -d`` (stdio to the log, held for the first attach); return the init's pid."""
+        result = self.daemon.cli("run", "-d", IMAGE, container_id, *command)
+        assert result.returncode == 0, result.stderr
+        with self.client() as client:
+            return int(client.call("tasks.get", {"container_id": container_id})["task"]["pid"])
 
     def bundle(self, container_id: str, namespace: str = "default") -> Path:
         return self.daemon.state / TASKS_STATE / namespace / container_id
@@ -259,3 +267,32 @@ def test_creates_racing_the_idle_shutdown(berthd_factory: BerthdFactory, archive
             assert client.call("tasks.wait", {"container_id": f"race{i}"})["exit_status"] == 0
             node.remove(client, f"race{i}")
             time.sleep(0.2 + rng.uniform(-0.01, 0.03))
+
+
+def test_five_running_two_exit_while_the_daemon_is_down(node: Node) -> None:
+    """The issue's scenario: 5 running, SIGKILL berthd, 2 exit meanwhile, restart: all 5 listed, the 2
+    exits with their real codes, the other 3 still running and attachable."""
+    pids = {f"five{i}": node.run_detached(f"five{i}", "sh", "-c", f"sleep {1 if i < 2 else 300}; exit {10 + i}")
+            for i in range(5)}
+    node.daemon.stop(signal.SIGKILL)
+    for i in (0, 1):  # they exit (10 and 11) while no daemon runs
+        wait_for(lambda i=i: not alive(pids[f"five{i}"]), what=f"five{i} to exit")
+    node.restart()
+    with node.client() as client:
+        tasks = {t["id"]: t for t in client.call("tasks.list", {})["tasks"]}
+        assert set(tasks) == set(pids)
+        for i in (0, 1):
+            task = tasks[f"five{i}"]
+            assert (task["status"], task["exit_status"], task["pid"]) == ("stopped", 10 + i, pids[f"five{i}"])
+            assert client.call("tasks.wait", {"container_id": f"five{i}"})["exit_status"] == 10 + i
+        for i in (2, 3, 4):
+            assert tasks[f"five{i}"]["status"] == "running"
+            assert alive(pids[f"five{i}"])
+        stream = client.stream("tasks.attach", {"container_id": "five2"})
+        assert next(stream) == {"attached": True}  # attachable after the restart
+        with node.client() as side:
+            side.call("tasks.exec", {"container_id": "five2", "exec_id": "hello", "process": {
+                **ROOT_PROCESS, "args": ["sh", "-c", "echo hello > /proc/1/fd/1"]}})
+            side.call("tasks.start", {"container_id": "five2", "exec_id": "hello"})
+        assert next(stream) == {"stdout": b"hello\n"}  # the init's stdout, as held by the shim since before
+        stream.close()
