@@ -1,6 +1,7 @@
-"""What a task's container gets and may do, checked inside real containers (runc, a locally built busybox
-image): resource limits enforced, freezing, default capabilities, exec with a TTY, FIFO stdio, the
-lifecycle's refusals, and the events in containerd's order."""
+"""Task features beyond test_tasks.py's, checked inside real containers (runc, a locally built busybox
+image): an exec with a TTY and its resize, FIFO stdio without a log, a task created and started in one
+runtime call, containers.new with its task and tasks.delete with its container, users resolved from an
+image's kept files, poststop hooks, and failures that leave no container behind."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from typing import Any
 
 import pytest
 from conftest import IMAGE, BerthdProcess
-from polling import TaskEvents
 
 from berth.client.sync import Client
 from berth.core.errdefs import AlreadyExists, BerthError, FailedPrecondition, InvalidArgument, NotFound
@@ -73,65 +73,6 @@ def containers(client: Client, request: pytest.FixtureRequest) -> Iterator[Conta
         made.remove_all()
 
 
-def test_memory_limit_is_set_and_enforced(containers: Containers, client: Client) -> None:
-    limit = 32 << 20
-    cid = containers.run("mem", ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || "
-                                             "cat /sys/fs/cgroup/memory.max; head -c 128m /dev/zero | tail"],
-                         memory_limit=limit)
-    status = client.call("tasks.wait", {"container_id": cid})["exit_status"]
-    assert containers.output(cid).splitlines()[0] == str(limit)
-    assert status == 137  # the shell's pipeline ends with tail, OOM-killed
-
-
-def test_a_fork_bomb_is_stopped_by_the_pids_limit(containers: Containers, client: Client) -> None:
-    script = ("cat /sys/fs/cgroup/pids/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids.max; "
-              "for i in $(seq 60); do (sleep 30 &) 2>/dev/null || true; done; echo done; sleep 30")
-    cid = containers.run("bomb", ["sh", "-c", script], pids_limit=20)
-    deadline = time.monotonic() + 20
-    while b"done" not in b"".join(i["data"] for i in client.stream("tasks.logs", {"container_id": cid})):
-        assert time.monotonic() < deadline, "the fork loop did not finish"
-        time.sleep(0.1)
-    processes = client.call("tasks.pids", {"container_id": cid})["processes"]
-    assert 10 < len(processes) <= 20  # 60 were asked for; the limit stopped the rest
-    log = b"".join(i["data"] for i in client.stream("tasks.logs", {"container_id": cid})).decode()
-    assert log.splitlines()[0] == "20"
-
-
-def test_pause_freezes_and_resume_thaws(containers: Containers, client: Client) -> None:
-    cid = containers.run("freeze", ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done"])
-    time.sleep(0.3)
-    client.call("tasks.pause", {"container_id": cid})
-    task = client.call("tasks.get", {"container_id": cid})["task"]
-    assert task["status"] == "paused"
-    counter = Path(f"/proc/{task['pid']}/root/tmp/n")  # read from the host: an exec would not run now
-    before = counter.read_text()
-    time.sleep(0.4)
-    assert counter.read_text() == before  # frozen: the counter does not move
-    with pytest.raises(FailedPrecondition):
-        client.call("tasks.exec", {"container_id": cid, "exec_id": "late", "process": {
-            "args": ["cat", "/tmp/n"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}})
-    client.call("tasks.resume", {"container_id": cid})
-    time.sleep(0.4)
-    assert int(counter.read_text()) > int(before)
-
-
-def test_default_capabilities_forbid_mounts_and_sysrq(containers: Containers, client: Client) -> None:
-    cid = containers.run("caps", ["sh", "-c", "mkdir -p /tmp/m; mount -t tmpfs tmpfs /tmp/m 2>/dev/null && "
-                                              "echo mounted; "
-                                              "(echo h > /proc/sysrq-trigger) 2>/dev/null && echo wrote-sysrq; "
-                                              "grep CapEff /proc/self/status"])
-    assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 0
-    out = containers.output(cid)
-    assert "mounted" not in out
-    assert "wrote-sysrq" not in out
-    effective = int(out.split()[-1], 16)
-    assert effective == 0xa80425fb  # containerd's 14 default capabilities
-    privileged = containers.run("priv", ["sh", "-c", "mkdir -p /tmp/m; mount -t tmpfs tmpfs /tmp/m && echo mounted"],
-                                 privileged=True)
-    assert client.call("tasks.wait", {"container_id": privileged})["exit_status"] == 0
-    assert containers.output(privileged) == "mounted\n"
-
-
 def test_exec_with_a_terminal_and_resize(containers: Containers, client: Client) -> None:
     cid = containers.run("tty", ["sleep", "300"])
     client.call("tasks.exec", {"container_id": cid, "exec_id": "shell", "stdio": {"terminal": True, "stdin": True},
@@ -153,7 +94,7 @@ def test_exec_with_a_terminal_and_resize(containers: Containers, client: Client)
         client.call("tasks.resize", {"container_id": cid, "width": 10, "height": 10})  # the init has no TTY
 
 
-def test_fifo_stdio(containers: Containers, client: Client, tmp_path: Path) -> None:
+def test_fifo_stdio_without_a_log(containers: Containers, client: Client, tmp_path: Path) -> None:
     paths = {name: tmp_path / name for name in ("in", "out", "err")}
     for path in paths.values():
         os.mkfifo(path)
@@ -179,67 +120,6 @@ def test_fifo_stdio(containers: Containers, client: Client, tmp_path: Path) -> N
     assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 0
     with pytest.raises(NotFound):
         next(iter(client.stream("tasks.logs", {"container_id": cid})))  # log: false keeps none
-
-
-def test_lifecycle_refusals(containers: Containers, client: Client) -> None:
-    with pytest.raises(NotFound):
-        client.call("tasks.create", {"container_id": "no-such-container"})
-    cid = containers.new("life", ["sleep", "300"])
-    client.call("tasks.create", {"container_id": cid})
-    assert client.call("tasks.get", {"container_id": cid})["task"]["status"] == "created"
-    with pytest.raises(AlreadyExists):
-        client.call("tasks.create", {"container_id": cid})
-    with pytest.raises(FailedPrecondition):
-        client.call("tasks.exec", {"container_id": cid, "exec_id": "e", "process": {"args": ["true"], "cwd": "/"}})
-    with pytest.raises(FailedPrecondition):
-        client.call("tasks.pause", {"container_id": cid})
-    client.call("tasks.start", {"container_id": cid})
-    with pytest.raises(FailedPrecondition):
-        client.call("tasks.start", {"container_id": cid})
-    with pytest.raises(FailedPrecondition):
-        client.call("tasks.delete", {"container_id": cid})
-    with pytest.raises(FailedPrecondition):
-        client.call("containers.delete", {"id": cid})
-    with pytest.raises(FailedPrecondition):
-        client.call("tasks.resume", {"container_id": cid})
-    client.call("tasks.kill", {"container_id": cid, "signal": 15})
-    with pytest.raises(FailedPrecondition):
-        client.call("tasks.delete", {"container_id": cid})  # pid 1 ignores SIGTERM: still running
-    client.call("tasks.kill", {"container_id": cid, "signal": 9, "all": True})
-    assert client.call("tasks.wait", {"container_id": cid})["exit_status"] == 137
-    with pytest.raises(NotFound):
-        client.call("tasks.kill", {"container_id": cid, "signal": 9})  # already finished
-    with pytest.raises(FailedPrecondition):
-        client.call("tasks.exec", {"container_id": cid, "exec_id": "late", "process": {"args": ["true"], "cwd": "/"}})
-    assert client.call("tasks.delete", {"container_id": cid})["exit_status"] == 137
-    with pytest.raises(NotFound):
-        client.call("tasks.get", {"container_id": cid})
-    created = containers.new("never-started", ["true"])
-    client.call("tasks.create", {"container_id": created})
-    assert client.call("tasks.delete", {"container_id": created})["exit_status"] == 137  # its init is killed
-
-
-def test_events_come_in_containerds_order(containers: Containers, client: Client, daemon: BerthdProcess) -> None:
-    cid = containers.new("events", ["sleep", "300"])
-    events_seen = TaskEvents(lambda: daemon.client(timeout=None),
-                             lambda topic, event: topic == "/tasks/delete" and event.get("container_id") == cid)
-    client.call("tasks.create", {"container_id": cid})
-    client.call("tasks.start", {"container_id": cid})
-    client.call("tasks.exec", {"container_id": cid, "exec_id": "x", "process": {
-        "args": ["sh", "-c", "exit 2"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}})
-    client.call("tasks.start", {"container_id": cid, "exec_id": "x"})
-    assert client.call("tasks.wait", {"container_id": cid, "exec_id": "x"})["exit_status"] == 2
-    client.call("tasks.pause", {"container_id": cid})
-    client.call("tasks.resume", {"container_id": cid})
-    client.call("tasks.kill", {"container_id": cid, "signal": 9})
-    client.call("tasks.wait", {"container_id": cid})
-    client.call("tasks.delete", {"container_id": cid})
-    mine = events_seen.of(cid)
-    order = [topic for topic, _ in mine]
-    assert order == ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started", "/tasks/exit",
-                     "/tasks/paused", "/tasks/resumed", "/tasks/exit", "/tasks/delete"]
-    exits = [event for topic, event in mine if topic == "/tasks/exit"]
-    assert [(e["id"], e["exit_status"]) for e in exits] == [("x", 2), (cid, 137)]
 
 
 def test_created_and_started_at_once_the_first_attach_gets_what_was_written_before_it(
