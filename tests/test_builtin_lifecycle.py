@@ -233,8 +233,13 @@ def test_console_socket_hands_over_a_pty(lab: RuntimeLab, runtime: Runtime) -> N
         listener.settimeout(30)
         status = subprocess.Popen(runtime.command("create", "--bundle", str(bundle), "--console-socket", str(path),
                                                   "c1"), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        master = receive_console(listener)
-        _, err = status.communicate(timeout=30)
+        try:
+            master = receive_console(listener)
+            _, err = status.communicate(timeout=30)
+        finally:
+            if status.poll() is None:  # by PID, should the hand-over fail
+                status.kill()
+                status.wait()
         assert status.returncode == 0, err
     try:
         runtime.run("start", "c1")

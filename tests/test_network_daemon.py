@@ -146,14 +146,20 @@ def test_a_daemon_killed_while_attaching_is_reconciled_at_restart(net: NetDaemon
     runs = [subprocess.Popen([*BERTH, "--address", str(first.address), "run", "-d", "--net", "bridge", IMAGE,
                               f"c{i}", "sleep", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env=clean_env()) for i in range(8)]
-    with first.client() as client:
-        deadline = time.monotonic() + 30
-        while not client.call("network.inspect", {"name": "bridge"})["network"]["containers"]:
-            assert time.monotonic() < deadline, "no container was ever attached"
-            time.sleep(0.005)
-    first.stop(signal.SIGKILL)  # the first one is attached: the others are on their way
-    for run in runs:
-        run.wait(timeout=30)
+    try:
+        with first.client() as client:
+            deadline = time.monotonic() + 30  # polled tightly: the daemon must die mid-way through the eight
+            while not client.call("network.inspect", {"name": "bridge"})["network"]["containers"]:
+                assert time.monotonic() < deadline, "no container was ever attached"
+                time.sleep(0.005)
+        first.stop(signal.SIGKILL)  # the first one is attached: the others are on their way
+        for run in runs:
+            run.wait(timeout=30)
+    finally:
+        for run in runs:  # by PID, should the test fail before they ended
+            if run.poll() is None:
+                run.kill()
+                run.wait()
     second = net.restart()
     with second.client() as client:
         tasks = {t["id"]: t["status"] for t in client.call("tasks.list", {})["tasks"]}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BerthdFactory, BerthdProcess
+from conftest import IMAGE, BerthdFactory, BerthdProcess
 from imagebuild import busybox_image, write_oci_archive
 from polling import alive, wait_for
 from taskcleanup import TASKS_STATE, shim_pids
@@ -26,7 +26,6 @@ from taskcleanup import TASKS_STATE, shim_pids
 from berth.client.sync import Client
 from berth.core.errdefs import NotFound
 
-IMAGE = "localhost/busybox:latest"
 IDLE = {"plugins": {"io.berth.service.v1.tasks-service": {"shim_idle_timeout": 1.0}}}
 ROOT_PROCESS = {"cwd": "/", "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "user": {"uid": 0, "gid": 0}}
 
