@@ -776,6 +776,19 @@ async def test_scheduler_lease_deletion_schedules_a_collection(sched_factory, au
 
 
 @pytest.mark.timeout(60)
+async def test_a_lease_deleted_with_nothing_become_garbage_schedules_no_collection(
+        sched_factory, autojump_clock) -> None:  # type: ignore[no-untyped-def]
+    metadata, gc, scheduler = await sched_factory(Config(startup_delay=Duration(0), schedule_delay=Duration(5)))
+    await gc.wait_for(1)
+    leases = LeaseManager(metadata.db, collect=scheduler.collect_now, on_delete=metadata.notify_deletion)
+    with with_namespace("ns"):
+        await leases.create("handed-over")
+        await leases.delete("handed-over", garbage=False)
+    await trio.sleep(3600)
+    assert scheduler.collections == 1
+
+
+@pytest.mark.timeout(60)
 async def test_scheduler_deletion_threshold_triggers_at_once(sched_factory, autojump_clock) -> None:  # type: ignore[no-untyped-def]
     # Same budget as test_scheduler_deletion_waits_for_pause_budget, where one deletion waits >= 1000 s.
     metadata, gc, _ = await sched_factory(

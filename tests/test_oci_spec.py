@@ -32,6 +32,7 @@ from berth.runtimes.oci import (
     default_seccomp_profile,
     generate_spec,
     parse_mount,
+    read_user_files,
     resolve_user,
 )
 from berth.runtimes.oci.user import read_in_root
@@ -221,8 +222,10 @@ def test_parse_mount() -> None:
     ("svc:root", (1001, 0, (0, 2001))),
 ])
 def test_user_resolution(tmp_path: Path, user: str, expected: tuple[int, int, tuple[int, ...]]) -> None:
-    resolved = resolve_user(make_rootfs(tmp_path / "rootfs"), user)
+    rootfs = make_rootfs(tmp_path / "rootfs")
+    resolved = resolve_user(rootfs, user)
     assert (resolved.uid, resolved.gid, resolved.additional_gids) == expected
+    assert resolve_user(read_user_files(rootfs), user) == resolved  # the files kept for the next containers
 
 
 def test_unknown_names_are_not_found(tmp_path: Path) -> None:

@@ -147,8 +147,10 @@ class LeaseManager:
 
         return await self._db.write(insert)
 
-    async def delete(self, lease_id: str, *, sync: bool = False) -> None:
+    async def delete(self, lease_id: str, *, sync: bool = False, garbage: bool = True) -> None:
         """Delete a lease (its resources lose that hold); with ``sync``, collect garbage before returning.
+        ``garbage=False`` is for a caller that knows nothing became garbage (another object holds all the
+        lease held): no collection is scheduled for it.
 
         Raises: NotFound.
         """
@@ -160,7 +162,8 @@ class LeaseManager:
                 raise NotFound(f"lease {lease_id} not found")
 
         await self._db.write(remove)
-        self._on_delete()  # what only this lease held is now garbage: let GC know
+        if garbage:
+            self._on_delete()  # what only this lease held is now garbage: let GC know
         if sync and self._collect is not None:
             await self._collect()
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pluggy
 import structlog
@@ -57,8 +56,15 @@ from berth.plugins.gc.scheduler import Scheduler
 from berth.plugins.images.tree import ImageConfig, image_config
 from berth.plugins.metadata.plugin import Metadata
 from berth.plugins.services.containers import delete_container
-from berth.runtimes.oci import SpecOptions, apply_spec_adjustments, build_spec, parse_mount
-from berth.runtimes.oci.user import MAX_FILE_SIZE, read_in_root
+from berth.runtimes.oci import (
+    SpecOptions,
+    UserFiles,
+    apply_spec_adjustments,
+    build_spec,
+    generate_spec,
+    parse_mount,
+    read_user_files,
+)
 from berth.runtimes.runc.command import RuntimeBinary
 from berth.runtimes.shim.manager import Shim, ShimManager
 from berth.runtimes.shim.service import read_exit_record
@@ -72,11 +78,14 @@ NETWORK_EXTENSION = "berth.io/network"
 #: The exit status of a task whose shim died without recording one (containerd reports 255 too).
 UNKNOWN_EXIT = 255
 _LOG_CHUNK = 64 * 1024
-#: Images whose ``/etc/passwd`` and ``/etc/group`` the daemon keeps (in ``<state>/.users``) to resolve the
-#: user of their next containers without mounting a rootfs.
+#: Images whose ``/etc/passwd`` and ``/etc/group`` the daemon keeps in memory to resolve the user of their
+#: next containers without mounting a rootfs.
 USER_FILES_KEPT = 64
 #: Images whose resolved config (manifest, config document, top chain ID) the daemon keeps in memory.
 IMAGE_CONFIGS_KEPT = 64
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(kw_only=True)
@@ -179,7 +188,7 @@ class TaskService:
     def __init__(self, *, config: Config, metadata: Metadata, containers: ContainerStore, images: ImageStore,
                  leases: LeaseManager, exchange: Exchange, runtimes: Mapping[str, RuntimeBinary], state: Path,
                  root: Path, nursery: trio.Nursery, hooks: pluggy.PluginManager | None,
-                 network: Network | None = None, quiet_leases: LeaseManager | None = None) -> None:
+                 network: Network | None = None) -> None:
         self.config = config
         self.network = network
         self.metadata = metadata
@@ -198,8 +207,7 @@ class TaskService:
         #: ``(namespace, digest, media type)`` of an image's target → what it resolves to.
         self._image_configs: dict[tuple[str, str, str], ImageConfig] = {}
         #: ``(namespace, snapshotter, chain id, its creation time)`` → the image's user files, kept.
-        self._user_files: dict[tuple[str, str, str, float], Path] = {}
-        self._quiet_leases = quiet_leases or leases
+        self._user_files: dict[tuple[str, str, str, float], UserFiles] = {}
         self._nursery = nursery
         #: Per group: creates in progress, and the pending idle shutdown's cancel scope.
         self._creating: dict[str, int] = {}
@@ -253,7 +261,6 @@ class TaskService:
                 scratch.rmdir()
             except OSError as err:
                 log.warning("scratch_mount_not_removed", path=str(scratch), error=str(err))
-        shutil.rmtree(self.state / ".users", ignore_errors=True)  # user files of a previous run's images
 
     def _read_records(self) -> list[TaskRecord]:
         records = []
@@ -382,10 +389,6 @@ class TaskService:
                              image=image.name, spec=spec, snapshotter=snapshotter_name, snapshot_key=container_id,
                              extensions=extensions)
 
-        async def forget() -> None:
-            await trio.to_thread.run_sync(
-                lambda: shutil.rmtree(self.container_dir(namespace, container_id), ignore_errors=True))
-
         user_key = (namespace, snapshotter_name, resolved.chain_id, top.created_at)
         user_files = self._user_files.get(user_key)
         if user_files is not None:
@@ -393,19 +396,17 @@ class TaskService:
             # and its snapshot prepared after, held by it from the start (no lease to make and delete).
             container: Container | None = None
             try:
-                kept_spec = await trio.to_thread.run_sync(self._build_spec_from, container_id, resolved.config,
-                                                          spec_options, namespace, user_files)
-                if kept_spec is not None:
-                    container = await self.containers.create(record(kept_spec))
-                    return container, await snapshots.prepare(container_id, resolved.chain_id)
+                spec = await generate_spec(container_id, resolved.config, spec_options, namespace=namespace,
+                                           rootfs=user_files)
+                container = await self.containers.create(record(spec))
+                return container, await snapshots.prepare(container_id, resolved.chain_id)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     if container is not None:
                         with contextlib.suppress(BerthError):
                             await self.containers.delete(container_id)
-                    await forget()
+                    await self.forget_container(namespace, container_id)
                 raise
-            self._user_files.pop(user_key, None)  # the copy went away: read the rootfs again
         lease_id = f"new-container-{uuid.uuid4().hex[:16]}"
         await self.leases.create(lease_id, {"berth.io/container": container_id}, expires_in=3600)
         prepared = False
@@ -413,25 +414,22 @@ class TaskService:
             with with_lease(lease_id):
                 mounts = await snapshots.prepare(container_id, resolved.chain_id)
                 prepared = True
-                keep_as = None
-                if len(self._user_files) < USER_FILES_KEPT:
-                    keep_as = self.state / ".users" / hashlib.sha256(repr(user_key).encode()).hexdigest()[:32]
-                spec, kept = await trio.to_thread.run_sync(self._build_spec, container_id, resolved.config,
-                                                           spec_options, namespace, mounts, keep_as)
-                if kept and keep_as is not None:
-                    self._user_files[user_key] = keep_as
+                spec, user_files = await trio.to_thread.run_sync(self._build_spec, container_id, resolved.config,
+                                                                 spec_options, namespace, mounts)
+                if user_files is not None:
+                    _remember(self._user_files, user_key, user_files, USER_FILES_KEPT)
                 container = await self.containers.create(record(spec))
         except BaseException:
             with trio.CancelScope(shield=True):
                 if prepared:
                     with contextlib.suppress(BerthError):
                         await snapshots.remove(container_id)
-                await forget()
+                await self.forget_container(namespace, container_id)
                 await self.leases.delete(lease_id)
             raise
         # What the lease held (the snapshot) the container holds now: nothing became garbage, so this
-        # deletion does not wake the garbage collector (the failure path above does).
-        await self._quiet_leases.delete(lease_id)
+        # deletion schedules no collection (the failure path's does).
+        await self.leases.delete(lease_id, garbage=False)
         return container, mounts
 
     async def _image_config(self, namespace: str, target: Descriptor) -> ImageConfig:
@@ -441,39 +439,31 @@ class TaskService:
         resolved = self._image_configs.get(key)
         if resolved is None:
             resolved = await image_config(self.metadata.content, target)
-            if len(self._image_configs) >= IMAGE_CONFIGS_KEPT:
-                del self._image_configs[next(iter(self._image_configs))]  # the oldest
-            self._image_configs[key] = resolved
+            _remember(self._image_configs, key, resolved, IMAGE_CONFIGS_KEPT)
         return resolved
 
-    @staticmethod
-    def _build_spec_from(container_id: str, image_config: Mapping[str, Any], options: SpecOptions, namespace: str,
-                         user_files: Path) -> dict[str, Any] | None:
-        """The container's spec, its user resolved through ``user_files`` (a directory holding the image's
-        ``etc/passwd`` and ``etc/group``); ``None`` if that directory is gone. Blocking."""
-        if not user_files.is_dir():
-            return None
-        return build_spec(container_id, image_config, options, namespace=namespace, rootfs=user_files)
-
     def _build_spec(self, container_id: str, image_config: Mapping[str, Any], options: SpecOptions, namespace: str,
-                    mounts: list[Mount], keep_as: Path | None) -> tuple[dict[str, Any], bool]:
-        """The container's spec, its user resolved through the rootfs mounted on a scratch directory, whose
-        ``etc/passwd`` and ``etc/group`` are then copied to ``keep_as`` (if given) for the next containers
-        of the image; also whether they were. Blocking."""
+                    mounts: list[Mount]) -> tuple[dict[str, Any], UserFiles | None]:
+        """The container's spec, its user resolved through the image's ``etc/passwd`` and ``etc/group`` read
+        from the rootfs mounted on a scratch directory; also those files, to keep for the next containers of
+        the image (``None`` when they cannot be read whole: the user resolution then says why, if it needs
+        them). Blocking."""
         scratch = self.state / ".spec" / uuid.uuid4().hex
         scratch.mkdir(parents=True)
-        kept = False
         try:
             mount_all(mounts, scratch)
             try:
-                spec = build_spec(container_id, image_config, options, namespace=namespace, rootfs=scratch)
-                if keep_as is not None:
-                    kept = _keep_user_files(scratch, keep_as)
+                try:
+                    files: UserFiles | None = read_user_files(scratch)
+                except BerthError:
+                    files = None
+                spec = build_spec(container_id, image_config, options, namespace=namespace,
+                                  rootfs=scratch if files is None else files)
             finally:
                 unmount_all(scratch)
         finally:
             scratch.rmdir()
-        return spec, kept
+        return spec, files
 
     async def _network_request(self, namespace: str, container_id: str, options: RunOptions,
                                spec_options: SpecOptions) -> NetworkRequest | None:
@@ -893,31 +883,11 @@ class TaskService:
         await trio.to_thread.run_sync(remove)
 
 
-def _keep_user_files(rootfs: Path, target: Path) -> bool:
-    """Copy ``etc/passwd`` and ``etc/group`` of ``rootfs`` as the user resolution reads them (symlinks
-    resolved inside it, regular files only) to ``target/etc``, which appears whole or not at all; return
-    whether ``target`` holds them now (not when they cannot be kept as read: too large, a symlink loop,
-    no space)."""
-    files: dict[str, bytes] = {}
-    try:
-        for name in ("passwd", "group"):
-            text = read_in_root(rootfs, f"etc/{name}")
-            if text is not None:
-                files[name] = text.encode()
-                if len(files[name]) > MAX_FILE_SIZE:
-                    return False
-    except BerthError:
-        return False
-    partial = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        (partial / "etc").mkdir(parents=True)
-        for name, data in files.items():
-            (partial / "etc" / name).write_bytes(data)
-        partial.rename(target)
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
-        return target.is_dir()  # made meanwhile by a container of the same image
-    return True
+def _remember(cache: dict[K, V], key: K, value: V, limit: int) -> None:
+    """Keep ``value`` in ``cache``, dropping the oldest entry when it already holds ``limit``."""
+    if key not in cache and len(cache) >= limit:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def parse_port(text: str) -> PortMapping:
@@ -1178,7 +1148,7 @@ async def init_service(ic: InitContext) -> TaskService:
                           containers=ContainerStore(metadata.db, exchange.publish, on_delete=metadata.notify_deletion),
                           images=ImageStore(metadata.db, exchange.publish, collect=scheduler.collect_now,
                                             on_delete=metadata.notify_deletion),
-                          leases=ic.get_single(PluginType.LEASE), quiet_leases=LeaseManager(metadata.db),
+                          leases=ic.get_single(PluginType.LEASE),
                           exchange=exchange,
                           runtimes=runtimes, state=ic.state, root=ic.root, nursery=ic.nursery, hooks=ic.hooks)
     ic.meta.exports.update({"runtimes": ",".join(sorted(runtimes)), "default_runtime": config.default_runtime})

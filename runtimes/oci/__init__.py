@@ -13,4 +13,6 @@ from berth.runtimes.oci.spec import build_spec as build_spec
 from berth.runtimes.oci.spec import generate_spec as generate_spec
 from berth.runtimes.oci.spec import parse_mount as parse_mount
 from berth.runtimes.oci.user import ResolvedUser as ResolvedUser
+from berth.runtimes.oci.user import UserFiles as UserFiles
+from berth.runtimes.oci.user import read_user_files as read_user_files
 from berth.runtimes.oci.user import resolve_user as resolve_user

@@ -26,7 +26,7 @@ from berth.core.errdefs import InvalidArgument
 from berth.core.identifiers import validate_identifier
 from berth.core.linux import ALL_CAPABILITIES, DEFAULT_MOUNTS, MASKED_PATHS, READONLY_PATHS
 from berth.runtimes.oci.seccomp import default_seccomp_profile
-from berth.runtimes.oci.user import resolve_user
+from berth.runtimes.oci.user import UserFiles, resolve_user
 
 __all__ = [
     "ALL_CAPABILITIES",
@@ -301,15 +301,15 @@ def _mounts(options: SpecOptions, etc_mounts: list[dict[str, Any]]) -> list[dict
 
 
 def build_spec(container_id: str, image_config: Mapping[str, Any], options: SpecOptions | None = None, *,
-               namespace: str = "default", rootfs: Path | None = None) -> dict[str, Any]:
+               namespace: str = "default", rootfs: Path | UserFiles | None = None) -> dict[str, Any]:
     """The OCI runtime spec (a JSON-ready dict) of container ``container_id`` in ``namespace``.
 
     Args:
         image_config: the OCI image config document (its ``config`` object holds ``Entrypoint``, ``Cmd``,
             ``Env``, ``WorkingDir``, ``User``, ``Labels``, ``StopSignal``); ``{}`` for none.
         options: what the container asks for on top of the image.
-        rootfs: the container's root filesystem on this host, read (safely) to resolve the user; without
-            it only numeric users resolve.
+        rootfs: the container's root filesystem on this host, read (safely) to resolve the user, or its
+            :class:`UserFiles` read before; without it only numeric users resolve.
 
     Blocking: it reads the rootfs and writes ``options.etc_dir``; from trio use :func:`generate_spec`.
 
@@ -401,7 +401,7 @@ def build_spec(container_id: str, image_config: Mapping[str, Any], options: Spec
 
 
 async def generate_spec(container_id: str, image_config: Mapping[str, Any], options: SpecOptions | None = None,
-                        *, namespace: str = "default", rootfs: Path | None = None) -> dict[str, Any]:
+                        *, namespace: str = "default", rootfs: Path | UserFiles | None = None) -> dict[str, Any]:
     """:func:`build_spec` in a worker thread (same arguments, result and errors)."""
     return await trio.to_thread.run_sync(
         lambda: build_spec(container_id, image_config, options, namespace=namespace, rootfs=rootfs))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from berth.core.errdefs import InvalidArgument, NotFound
 
-__all__ = ["MAX_FILE_SIZE", "MAX_ID", "ResolvedUser", "read_in_root", "resolve_user"]
+__all__ = ["MAX_FILE_SIZE", "MAX_ID", "ResolvedUser", "UserFiles", "read_in_root", "read_user_files", "resolve_user"]
 
 MAX_FILE_SIZE = 4 << 20
 #: Largest uid or gid accepted (runc's limit, which containerd follows).
@@ -112,6 +112,20 @@ def read_in_root(root: Path, path: str) -> str | None:
     return data.decode("utf-8", errors="replace")
 
 
+@dataclass(frozen=True)
+class UserFiles:
+    """An image's ``/etc/passwd`` and ``/etc/group`` as :func:`read_in_root` read them (``None``: absent), kept
+    to resolve the users of its next containers without its rootfs."""
+
+    passwd: str | None
+    group: str | None
+
+
+def read_user_files(root: Path) -> UserFiles:
+    """Both files of ``root``. Blocking. Raises as :func:`read_in_root`."""
+    return UserFiles(read_in_root(root, "etc/passwd"), read_in_root(root, "etc/group"))
+
+
 def _records(text: str | None, fields: int) -> list[list[str]]:
     """``name:...`` lines with at least ``fields`` fields (comments, blanks and short lines skipped)."""
     out = []
@@ -135,11 +149,12 @@ def _checked(value: int, what: str, user: str) -> int:
     return value
 
 
-def resolve_user(root: Path | None, user: str) -> ResolvedUser:
+def resolve_user(root: Path | UserFiles | None, user: str) -> ResolvedUser:
     """Resolve an image ``USER`` value (``name``, ``uid``, ``name:group``, ``uid:gid``, and mixes; empty
-    means root) as containerd does. A numeric uid not in ``/etc/passwd`` gets gid 0; a name must be
+    means root) as containerd does, through the ``/etc/passwd`` and ``/etc/group`` of ``root`` (a rootfs, or
+    the files already read from one). A numeric uid not in ``/etc/passwd`` gets gid 0; a name must be
     there. Supplementary groups are the groups of ``/etc/group`` listing the user by name. With no
-    ``root``, only numeric values resolve. Blocking: call it from a worker thread.
+    ``root``, only numeric values resolve. Blocking (it may read a rootfs): call it from a worker thread.
 
     Raises:
         InvalidArgument: malformed value, or an id out of range.
@@ -154,13 +169,15 @@ def resolve_user(root: Path | None, user: str) -> ResolvedUser:
     def users() -> list[list[str]]:
         nonlocal passwd
         if passwd is None:
-            passwd = _records(read_in_root(root, "etc/passwd") if root else None, 4)
+            text = root.passwd if isinstance(root, UserFiles) else read_in_root(root, "etc/passwd") if root else None
+            passwd = _records(text, 4)
         return passwd
 
     def group_records() -> list[list[str]]:
         nonlocal groups
         if groups is None:
-            groups = _records(read_in_root(root, "etc/group") if root else None, 3)
+            text = root.group if isinstance(root, UserFiles) else read_in_root(root, "etc/group") if root else None
+            groups = _records(text, 3)
         return groups
 
     name_or_uid = parts[0]
