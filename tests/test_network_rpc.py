@@ -90,7 +90,8 @@ def test_berth_network_commands(daemon: BerthdProcess) -> None:
 
 @pytest.mark.parametrize(("key", "value", "named"), [("subnet", "10.999.0.0/16", "10.999.0.0/16"),
                                                      ("mtu", 70000, "mtu 70000"),
-                                                     ("bridge", "a-much-too-long-bridge", "a-much-too-long-bridge")])
+                                                     ("bridge", "a-much-too-long-bridge", "a-much-too-long-bridge"),
+                                                     ("bridge", "br 0", "'br 0'"), ("bridge", "a:b", "'a:b'")])
 def test_a_bad_network_config_fails_the_plugin_by_name(berthd_factory: BerthdFactory, tmp_path: Path, key: str,
                                                        value: object, named: str) -> None:
     daemon = berthd_factory.start({"plugins": {"io.berth.network.v1.bridge": {

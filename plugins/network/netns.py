@@ -15,9 +15,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from berth.core.linux import MNT_DETACH, MS_BIND
+
 CLONE_NEWNET = 0x40000000
-MS_BIND = 0x1000
-MNT_DETACH = 0x2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -37,8 +37,10 @@ async def init(ic: InitContext) -> object:
 
     config: Config = ic.config
     subnet = parse_subnet(config.subnet)
-    if not 0 < len(config.bridge) <= 15 or "/" in config.bridge or config.bridge.strip() != config.bridge:
-        raise InvalidArgument(f"bridge name {config.bridge!r} must be 1 to 15 characters, no '/' or spaces")
+    if (not 0 < len(config.bridge) <= 15 or config.bridge in (".", "..")
+            or any(c in "/:" or c.isspace() for c in config.bridge)):  # as the kernel's dev_valid_name
+        raise InvalidArgument(f"bridge name {config.bridge!r} must be 1 to 15 characters, with no '/', ':' or "
+                              f"spaces")
     if not 576 <= config.mtu <= 65535:
         raise InvalidArgument(f"mtu {config.mtu} is out of range (576 to 65535)")
     validate_identifier(config.default_network, "default_network")
