@@ -625,14 +625,11 @@ class TaskService:
         """Write the bundle (blocking): ``config.json`` is the container's spec with ``process.terminal``
         as the task's stdio says (as for an exec process) and the plugins' adjustments."""
         spec = container.spec
-        adjust = self.hooks is not None and bool(self.hooks.hook.berth_adjust_spec.get_hookimpls())
-        if adjust:
-            spec = json.loads(json.dumps(spec))  # the plugins change it in place
         if isinstance(spec.get("process"), dict):
             spec = {**spec, "process": {**spec["process"], "terminal": terminal}}
-        if adjust:
-            assert self.hooks is not None
-            spec = apply_spec_adjustments(self.hooks, spec, container)
+        if self.hooks is not None and self.hooks.hook.berth_adjust_spec.get_hookimpls():
+            # the plugins change it in place: a deep copy, made only for them
+            spec = apply_spec_adjustments(self.hooks, json.loads(json.dumps(spec)), container)
         if record.bundle.exists():  # left by a crash between writing it and creating the task
             unmount_all(record.bundle / "rootfs")
             shutil.rmtree(record.bundle)
