@@ -18,9 +18,12 @@ the launcher then runs the command itself and starts a fresh server.
 
 The socket lives in a directory only the user can enter (``$XDG_RUNTIME_DIR/berth`` or
 ``/tmp/berth-cli-<uid>``, mode 0700, checked by both sides), and the server serves only peers with its
-own uid (``SO_PEERCRED``). It exits after ``--idle`` seconds without a command (default 600) or when
-its socket is removed or replaced; its PID is in ``cli.pid`` beside the socket. ``BERTH_CLI_SERVER=0``
-makes the launcher never use or start one.
+own uid (``SO_PEERCRED``). One server serves a socket: it holds ``cli.lock`` beside it (a server started
+while another holds the lock waits a moment for it, then leaves). It exits after ``--idle`` seconds
+without a command (default 600), when its code changed, or within seconds of its socket being removed or
+replaced; on the way out it answers ``R`` to every launcher still waiting in its backlog, so none is
+left without an answer. Its PID is in ``cli.pid`` beside the socket. ``BERTH_CLI_SERVER=0`` makes the
+launcher never use or start one.
 
 Run: ``python -m berth.client.cliserver [--idle SECONDS] [--foreground] SOCKET``.
 """
@@ -28,6 +31,7 @@ Run: ``python -m berth.client.cliserver [--idle SECONDS] [--foreground] SOCKET``
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import signal
@@ -36,11 +40,16 @@ import stat
 import struct
 import sys
 import threading
+import time
 
 __all__ = ["PROTOCOL", "code_fingerprint", "default_socket_path", "main", "pid_file_of", "serve"]
 
 PROTOCOL = b"berth-cli-1"
 _MAX_REQUEST = 4 << 20
+#: Seconds between two checks, while idle, that the socket is still this server's.
+_SOCKET_CHECK_INTERVAL = 2.0
+#: Seconds a new server waits for the lock of one that is on its way out.
+_LOCK_WAIT = 2.0
 
 
 def default_socket_path() -> str:
@@ -63,7 +72,8 @@ def _source_paths() -> list[str]:
     paths: list[str] = []
     for package in (berth.client, berth.core):
         for top in package.__path__:
-            for directory, _dirs, files in os.walk(top):
+            for directory, dirs, files in os.walk(top):
+                dirs[:] = [d for d in dirs if d != "__pycache__"]  # compiling a module is not a change
                 paths.append(directory)
                 paths.extend(os.path.join(directory, name) for name in files if name.endswith(".py"))
     return paths
@@ -119,8 +129,9 @@ def _receive_request(conn: socket.socket) -> tuple[list[bytes], list[int]]:
     return fields, fds
 
 
-def _forward_signals(conn: socket.socket) -> None:
-    """In the child: turn ``S<sig>`` messages into signals to itself; SIGHUP when the launcher is gone."""
+def _forward_signals(conn: socket.socket, answered: threading.Event) -> None:
+    """In the child: turn ``S<sig>`` messages into signals to itself; SIGHUP when the launcher is gone
+    before the command's status was sent (after it, the launcher leaving is the normal end)."""
     while True:
         try:
             message = conn.recv(2)
@@ -129,7 +140,8 @@ def _forward_signals(conn: socket.socket) -> None:
         if len(message) == 2 and message[:1] == b"S":
             os.kill(os.getpid(), message[1])
             continue
-        os.kill(os.getpid(), signal.SIGHUP)
+        if not answered.is_set():
+            os.kill(os.getpid(), signal.SIGHUP)
         return
 
 
@@ -140,6 +152,7 @@ def _exit_with_signal_status(signum: int, frame: object) -> None:
 def _run_child(conn: socket.socket, fields: list[bytes], fds: list[int]) -> None:
     """In the forked child: become the launcher's process and run the command; never returns."""
     status = 1
+    answered = threading.Event()
     try:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
@@ -165,7 +178,7 @@ def _run_child(conn: socket.socket, fields: list[bytes], fds: list[int]) -> None
         sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.argv = ["berth", *argv]
-        threading.Thread(target=_forward_signals, args=(conn,), daemon=True).start()
+        threading.Thread(target=_forward_signals, args=(conn, answered), daemon=True).start()
         from berth.client.cli import main
 
         try:
@@ -181,6 +194,7 @@ def _run_child(conn: socket.socket, fields: list[bytes], fds: list[int]) -> None
     except BaseException as err:  # whatever happens, the launcher must get a status
         with contextlib.suppress(OSError):
             os.write(2, f"berth: {type(err).__name__}: {err}\n".encode())
+    answered.set()
     try:
         conn.sendall(b"X" + struct.pack(">i", status))
     finally:
@@ -208,30 +222,71 @@ def _same_socket(path: str, identity: tuple[int, int]) -> bool:
     return (info.st_dev, info.st_ino) == identity
 
 
+def _take_lock(path: str) -> int | None:
+    """Lock ``cli.lock`` beside ``path`` for this server's life; wait up to ``_LOCK_WAIT`` seconds for a
+    server on its way out. Returns the locked descriptor, or None when another server keeps the lock."""
+    fd = os.open(os.path.join(os.path.dirname(path), "cli.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+
+
+def _hand_back_waiting(listener: socket.socket) -> None:
+    """Answer ``R`` to every launcher still queued on ``listener``: each runs its command itself."""
+    listener.setblocking(False)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn, contextlib.suppress(OSError):
+            conn.setblocking(True)
+            conn.sendall(b"R")
+
+
 def serve(path: str, *, idle: float = 600.0) -> None:
-    """Listen on ``path`` and run commands until idle for ``idle`` seconds, the socket is replaced,
-    or the code changes. Raises PermissionError when the socket's directory is not private."""
+    """Listen on ``path`` and run commands until idle for ``idle`` seconds, the socket is removed or
+    replaced, or the code changes; return at once if another server holds the lock. Raises
+    PermissionError when the socket's directory is not private."""
     _warm_up()
     _private_directory(path)
+    lock = _take_lock(path)
+    if lock is None:
+        return
+    server = os.getpid()
     sources = _source_paths()
     fingerprint = code_fingerprint(sources)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    temporary = f"{path}.{os.getpid()}"
+    temporary = f"{path}.{server}"
     listener.bind(temporary)
     listener.listen(64)
     os.rename(temporary, path)
     identity = (os.stat(path).st_dev, os.stat(path).st_ino)
     pid_file = pid_file_of(path)
-    with open(f"{pid_file}.{os.getpid()}", "w") as handle:
-        handle.write(f"{os.getpid()}\n")
-    os.rename(f"{pid_file}.{os.getpid()}", pid_file)
+    with open(f"{pid_file}.{server}", "w") as handle:
+        handle.write(f"{server}\n")
+    os.rename(f"{pid_file}.{server}", pid_file)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGTERM, _exit_on_signal)  # clean up the socket and PID file on the way out
+    idle_until = time.monotonic() + idle
     try:
         while True:
-            ready, _, _ = select.select([listener], [], [], idle)
-            if not ready or not _same_socket(path, identity):
+            wait = min(_SOCKET_CHECK_INTERVAL, idle_until - time.monotonic())
+            ready, _, _ = select.select([listener], [], [], max(wait, 0.0))
+            if not _same_socket(path, identity):
                 return
+            if not ready:
+                if time.monotonic() >= idle_until:
+                    return
+                continue
+            idle_until = time.monotonic() + idle
             conn, _ = listener.accept()
             try:
                 _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
@@ -248,8 +303,12 @@ def serve(path: str, *, idle: float = 600.0) -> None:
                     conn.sendall(b"R")
                     return
                 if os.fork() == 0:
-                    listener.close()
-                    _run_child(conn, fields, fds)
+                    try:  # the child leaves only through os._exit: it never runs the server's clean-up
+                        listener.close()
+                        os.close(lock)  # a long command must not keep the next server out
+                        _run_child(conn, fields, fds)
+                    finally:
+                        os._exit(255)
                 for fd in fds:
                     os.close(fd)
             except OSError:
@@ -257,11 +316,14 @@ def serve(path: str, *, idle: float = 600.0) -> None:
             finally:
                 conn.close()
     finally:
-        if _same_socket(path, identity):
-            os.unlink(path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(pid_file)
-        listener.close()
+        if os.getpid() == server:
+            if _same_socket(path, identity):
+                os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pid_file)
+            _hand_back_waiting(listener)
+            listener.close()
+            os.close(lock)
 
 
 def main(argv: list[str] | None = None) -> int:

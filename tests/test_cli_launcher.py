@@ -88,11 +88,26 @@ class Servers:
         except FileNotFoundError:
             return None
 
+    def waiting(self) -> int:
+        """How many connections wait in the server's backlog (``ss``: a listener's Recv-Q; the server
+        bound its socket under a temporary name, which ``ss`` shows, and renamed it)."""
+        listed = subprocess.run(["ss", "-xlnH"], capture_output=True, text=True, check=True, timeout=30).stdout
+        return sum(int(fields[2]) for fields in map(str.split, listed.splitlines())
+                   if len(fields) > 4 and fields[4].startswith(f"{self.socket}."))
+
+    def processes(self) -> list[int]:
+        """Every server process of this socket (the recorded one and any other)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and str(self.socket).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+        return found
+
     def stop(self) -> None:
-        pid = self.pid()
-        if pid is not None:
+        for pid in {*self.processes(), self.pid()} - {None}:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -256,3 +271,80 @@ def test_sigterm_ends_the_command_with_a_shell_status(berthd: BerthdProcess, ser
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_command_that_escapes_never_removes_the_servers_socket(berthd: BerthdProcess, servers: Servers) -> None:
+    """Whatever ends a command's process (here: SystemExit out of the command's code, as a signal arriving
+    after the status was sent would raise), the child exits: it never runs the server's clean-up."""
+    code = ("import sys; from berth.client import cliserver\n"
+            "def escape(*args):\n    raise SystemExit(129)\n"
+            "cliserver._run_child = escape\n"
+            "cliserver.serve(sys.argv[1])\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(servers.socket)], env=servers.env())
+    try:
+        pid = servers.wait()
+        identity = servers.socket.stat().st_ino
+        for _ in range(2):
+            result = servers.run("version", daemon=berthd)
+            assert result.returncode == 255
+            assert "without an exit status" in result.stderr
+        assert servers.socket.stat().st_ino == identity
+        assert servers.pid() == pid == proc.pid
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_stale_server_answers_every_launcher_waiting_for_it(berthd: BerthdProcess, servers: Servers) -> None:
+    pid = servers.start()
+    source = Path(sys.modules["berth.client.cliserver"].__file__ or "")
+    stat = source.stat()
+    os.kill(pid, signal.SIGSTOP)  # the launchers below queue up in its backlog
+    launchers = []
+    try:
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+        launchers = [subprocess.Popen([str(servers.launcher), "--address", str(berthd.address), "version"],
+                                      env=servers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     for _ in range(4)]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and servers.waiting() < len(launchers):
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGCONT)
+        for launcher in launchers:
+            out, err = launcher.communicate(timeout=60)
+            assert launcher.returncode == 0, err
+            assert b"Server:" in out
+            assert b"without an exit status" not in err
+        # The launchers each started a server; one serves, the others left for want of the lock.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (len(servers.processes()) != 1 or servers.pid() in (None, pid)):
+            time.sleep(0.1)
+        assert servers.processes() == [servers.pid()]
+        assert servers.pid() != pid
+    finally:
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.wait()
+
+
+def test_a_second_server_leaves_the_first_serving(servers: Servers) -> None:
+    pid = servers.start()
+    second = subprocess.run([sys.executable, "-m", "berth.client.cliserver", "--foreground", str(servers.socket)],
+                            env=servers.env(), capture_output=True, timeout=30, check=False)
+    assert second.returncode == 0
+    assert servers.pid() == pid
+    assert servers.processes() == [pid]
+
+
+def test_a_server_whose_socket_is_removed_exits(servers: Servers) -> None:
+    pid = servers.start()
+    servers.socket.unlink()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and pid in servers.processes():
+        time.sleep(0.1)
+    assert pid not in servers.processes()
