@@ -39,7 +39,6 @@ import socket
 import stat
 import struct
 import sys
-import threading
 import time
 
 __all__ = ["PROTOCOL", "code_fingerprint", "default_socket_path", "main", "pid_file_of", "serve"]
@@ -129,20 +128,37 @@ def _receive_request(conn: socket.socket) -> tuple[list[bytes], list[int]]:
     return fields, fds
 
 
-def _forward_signals(conn: socket.socket, answered: threading.Event) -> None:
-    """In the child: turn ``S<sig>`` messages into signals to itself; SIGHUP when the launcher is gone
-    before the command's status was sent (after it, the launcher leaving is the normal end)."""
-    while True:
-        try:
-            message = conn.recv(2)
-        except OSError:
-            message = b""
-        if len(message) == 2 and message[:1] == b"S":
-            os.kill(os.getpid(), message[1])
-            continue
-        if not answered.is_set():
-            os.kill(os.getpid(), signal.SIGHUP)
-        return
+class _SignalForwarder:
+    """In the child: turn the launcher's ``S<sig>`` messages into signals to itself, and its going away
+    before the command's status was sent into SIGHUP (after it, the launcher leaving is the normal end).
+
+    The connection raises SIGIO when something arrives (``O_ASYNC``), so no thread waits on it: a thread
+    would cost the fork another stack and its copied pages, every command."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.answered = False
+        self.gone = False
+        signal.signal(signal.SIGIO, self._on_io)
+        fd = conn.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+        self._on_io(signal.SIGIO, None)  # what arrived before the connection raised SIGIO
+
+    def _on_io(self, signum: int, frame: object) -> None:
+        while not self.gone:
+            try:
+                message = self.conn.recv(2, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                message = b""
+            if len(message) == 2 and message[:1] == b"S":
+                os.kill(os.getpid(), message[1])
+                continue
+            self.gone = True
+            if not self.answered:
+                os.kill(os.getpid(), signal.SIGHUP)
 
 
 def _exit_with_signal_status(signum: int, frame: object) -> None:
@@ -152,7 +168,7 @@ def _exit_with_signal_status(signum: int, frame: object) -> None:
 def _run_child(conn: socket.socket, fields: list[bytes], fds: list[int]) -> None:
     """In the forked child: become the launcher's process and run the command; never returns."""
     status = 1
-    answered = threading.Event()
+    forwarder: _SignalForwarder | None = None
     try:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
@@ -165,8 +181,11 @@ def _run_child(conn: socket.socket, fields: list[bytes], fds: list[int]) -> None
             if sep and key:
                 environ[os.fsdecode(key)] = os.fsdecode(value)
         os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(environ)
+        for name in os.environ.keys() - environ.keys():
+            del os.environ[name]
+        for name, setting in environ.items():  # mostly the environment the server started with: few changes
+            if os.environ.get(name) != setting:
+                os.environ[name] = setting
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         # A forwarded SIGTERM or SIGHUP ends the command with the status a shell gives a process killed by
@@ -174,11 +193,11 @@ def _run_child(conn: socket.socket, fields: list[bytes], fds: list[int]) -> None
         signal.signal(signal.SIGTERM, _exit_with_signal_status)
         signal.signal(signal.SIGHUP, _exit_with_signal_status)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        forwarder = _SignalForwarder(conn)
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own stdio, closed at exit
         sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.argv = ["berth", *argv]
-        threading.Thread(target=_forward_signals, args=(conn, answered), daemon=True).start()
         from berth.client.cli import main
 
         try:
@@ -194,7 +213,8 @@ def _run_child(conn: socket.socket, fields: list[bytes], fds: list[int]) -> None
     except BaseException as err:  # whatever happens, the launcher must get a status
         with contextlib.suppress(OSError):
             os.write(2, f"berth: {type(err).__name__}: {err}\n".encode())
-    answered.set()
+    if forwarder is not None:
+        forwarder.answered = True
     try:
         conn.sendall(b"X" + struct.pack(">i", status))
     finally:

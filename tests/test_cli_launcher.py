@@ -348,3 +348,26 @@ def test_a_server_whose_socket_is_removed_exits(servers: Servers) -> None:
     while time.monotonic() < deadline and pid in servers.processes():
         time.sleep(0.1)
     assert pid not in servers.processes()
+
+
+def test_a_command_whose_launcher_is_killed_ends(berthd: BerthdProcess, servers: Servers) -> None:
+    server = servers.start()
+    proc = subprocess.Popen([str(servers.launcher), "--address", str(berthd.address), "events"], env=servers.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(servers.processes()) < 2:
+            time.sleep(0.05)
+        commands = set(servers.processes()) - {server}
+        assert len(commands) == 1  # the forked child running `events`
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and commands & set(servers.processes()):
+            time.sleep(0.05)
+        assert not commands & set(servers.processes())  # it got SIGHUP and ended
+        assert servers.processes() == [server]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
