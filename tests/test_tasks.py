@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from conftest import IMAGE, BerthdProcess
 from polling import TaskEvents, wait_for
+from test_directories import EXT_MAGIC, filesystem_type, has_topdir_flag
 
 from berth.client.sync import Client
 from berth.conformance.runtime import RuntimeTarget, Session
@@ -168,6 +169,19 @@ def test_an_unknown_user_is_refused(tasks: Tasks) -> None:
 def test_hostname(tasks: Tasks) -> None:
     output, _ = tasks.run_attached("host", ["sh", "-c", "hostname; cat /etc/hostname"], hostname="box1")
     assert output["stdout"] == b"box1\nbox1\n"
+
+
+def test_the_directories_of_every_container_are_spread(tasks: Tasks, daemon: BerthdProcess) -> None:
+    """The parents of the container directories, the bundles and runc's state of a namespace carry
+    FS_TOPDIR_FL (core/directories.py), where the file system has it."""
+    if filesystem_type(daemon.root) != EXT_MAGIC or filesystem_type(daemon.state) != EXT_MAGIC:
+        pytest.skip("the daemon's directories are not on ext2/3/4, the file systems with FS_TOPDIR_FL")
+    container_id = tasks.create("spread", ["true"])
+    service = "io.berth.service.v1.tasks-service"
+    for parent in (daemon.root / service / "default", daemon.state / service / "default",
+                   daemon.state / "io.berth.runtime.v1.runc" / "root" / "default"):
+        assert (parent / container_id).is_dir(), parent
+        assert has_topdir_flag(parent), parent
 
 
 def test_bind_mounts(tasks: Tasks, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ import pluggy
 import structlog
 import trio
 
+from berth.core.directories import make_spread_directory
 from berth.core.errdefs import (
     AlreadyExists,
     BerthError,
@@ -214,6 +215,8 @@ class TaskService:
         self._idle: dict[str, trio.CancelScope] = {}
         #: Groups whose shim connection dropped and is being dealt with (set when done).
         self._recovering: dict[str, trio.Event] = {}
+        #: Namespaces whose per-container parent directories exist and spread (this daemon run).
+        self._namespace_dirs: set[str] = set()
 
     # ------------------------------------------------------------------ start-up and shutdown
 
@@ -327,6 +330,23 @@ class TaskService:
     def has_task(self, namespace: str, container_id: str) -> bool:
         return (namespace, container_id) in self.records
 
+    async def _make_namespace_dirs(self, namespace: str) -> None:
+        """Create, once per namespace and daemon run, the directories holding one directory per container
+        of ``namespace``: container directories, bundles and each runtime's state. They are marked
+        with ``FS_TOPDIR_FL`` (:mod:`berth.core.directories`: container churn must not slow inode
+        allocation down). Raises: OSError when one cannot be made."""
+        if namespace in self._namespace_dirs:
+            return
+
+        def make() -> None:
+            make_spread_directory(self.root / namespace, 0o755)
+            make_spread_directory(self.state / namespace, 0o755)
+            for runtime in self.runtimes.values():
+                make_spread_directory(Path(runtime.root) / namespace, 0o700)
+
+        await trio.to_thread.run_sync(make)
+        self._namespace_dirs.add(namespace)
+
     def container_dir(self, namespace: str, container_id: str) -> Path:
         """The container's persistent directory: its log, and its ``hostname``, ``hosts`` and ``resolv.conf``
         (bind-mounted on ``/etc``; containers made by earlier versions have them in an ``etc`` subdirectory)."""
@@ -377,6 +397,7 @@ class TaskService:
         with contextlib.suppress(NotFound):
             await self.containers.get(container_id)
             raise AlreadyExists(f"container {container_id} already exists in namespace {namespace}")
+        await self._make_namespace_dirs(namespace)
         spec_options = options.spec_options()
         spec_options.etc_dir = self.container_dir(namespace, container_id)
         request = await self._network_request(namespace, container_id, options, spec_options)
@@ -529,6 +550,7 @@ class TaskService:
                 container = await self.containers.get(container_id)
             runtime = self._runtime(container.runtime.name)
             runtime = dataclasses.replace(runtime, root=str(Path(runtime.root) / namespace))
+            await self._make_namespace_dirs(namespace)
             if rootfs is None:
                 rootfs = []
                 if container.snapshot_key:

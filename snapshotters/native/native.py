@@ -31,6 +31,7 @@ from pathlib import Path
 import structlog
 import trio
 
+from berth.core.directories import make_spread_directory
 from berth.core.errdefs import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from berth.core.identifiers import validate_labels
 from berth.core.snapshots.snapshotter import Info, Kind, Mount, Usage
@@ -266,7 +267,7 @@ class NativeSnapshotter:
         self.root = Path(root)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._snapshots = self.root / "snapshots"
-        self._snapshots.mkdir(mode=0o700, exist_ok=True)
+        make_spread_directory(self._snapshots, 0o700)  # one directory per snapshot
         self._ms = MetaStore(self.root / "metadata.db")
         #: names of ``new-*`` directories being filled outside a transaction (cleanup leaves them)
         self._busy: set[str] = set()

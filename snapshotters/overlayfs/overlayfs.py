@@ -42,6 +42,7 @@ from typing import Any
 import structlog
 import trio
 
+from berth.core.directories import make_spread_directory
 from berth.core.errdefs import FailedPrecondition
 from berth.core.snapshots.mount import MountError, mount, unmount, unmount_all
 from berth.core.snapshots.snapshotter import Info, Kind, Mount, Usage
@@ -332,7 +333,7 @@ class OverlaySnapshotter:
             options.append("index=off")
         self.options: tuple[str, ...] = tuple(options)
         self._snapshots = self.root / "snapshots"
-        self._snapshots.mkdir(mode=0o700, exist_ok=True)
+        make_spread_directory(self._snapshots, 0o700)  # one directory per snapshot
         self._ms = MetaStore(self.root / "metadata.db")
 
     @classmethod

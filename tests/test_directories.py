@@ -1,0 +1,89 @@
+"""core/directories.py: the ``FS_TOPDIR_FL`` hint on directories that hold one directory per container,
+bundle or snapshot, on a real ext4 (the tests' temporary directory) and where the flag does not exist."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from berth.core.directories import make_spread_directory, spread_subdirectories
+from berth.snapshotters.native.native import NativeSnapshotter
+from berth.snapshotters.overlayfs.overlayfs import OverlaySnapshotter
+
+EXT_MAGIC = 0xEF53  # ext2, ext3 and ext4 (statfs f_type)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts and the flag need root")
+
+
+def filesystem_type(path: Path) -> int:
+    return int(subprocess.run(["stat", "-f", "-c", "%t", str(path)], capture_output=True, text=True,
+                              check=True).stdout, 16)
+
+
+def has_topdir_flag(path: Path) -> bool:
+    """``lsattr -d``: the flags column shows ``T`` for FS_TOPDIR_FL."""
+    listed = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    return "T" in listed.split()[0]
+
+
+@pytest.fixture
+def ext_dir(tmp_path: Path) -> Path:
+    if filesystem_type(tmp_path) != EXT_MAGIC:
+        pytest.skip(f"{tmp_path} is not on ext2/3/4, the file systems with FS_TOPDIR_FL")
+    return tmp_path
+
+
+def test_the_flag_is_set_and_kept(ext_dir: Path) -> None:
+    target = ext_dir / "containers"
+    make_spread_directory(target, 0o700)
+    assert has_topdir_flag(target)
+    assert target.stat().st_mode & 0o777 == 0o700
+    make_spread_directory(target)  # again: it exists, and nothing changes
+    assert has_topdir_flag(target)
+    assert spread_subdirectories(target)
+
+
+def test_the_directories_made_in_it_spread_over_block_groups(ext_dir: Path) -> None:
+    """What the flag is for: without it every subdirectory lands in its parent's block group (close inode
+    numbers); with it the Orlov allocator places them apart. Inode numbers are counted in regions of
+    65536, several block groups wide whatever the file system's inodes per group."""
+    def regions(parent: Path) -> int:
+        for i in range(16):
+            (parent / f"c{i}").mkdir()
+        return len({(parent / f"c{i}").stat().st_ino // 65536 for i in range(16)})
+
+    plain, spread = ext_dir / "plain", ext_dir / "spread"
+    plain.mkdir()
+    make_spread_directory(spread)
+    assert regions(plain) <= 2
+    assert regions(spread) >= 4
+
+
+def test_where_the_flag_does_not_exist_nothing_fails(tmp_path: Path) -> None:
+    scratch = tmp_path / "tmpfs"
+    scratch.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(scratch)], check=True)
+    try:
+        assert not spread_subdirectories(scratch)
+        make_spread_directory(scratch / "bundles")
+        assert (scratch / "bundles").is_dir()
+    finally:
+        subprocess.run(["umount", str(scratch)], check=True)
+
+
+def test_a_missing_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        spread_subdirectories(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("snapshotter", [OverlaySnapshotter, NativeSnapshotter])
+async def test_snapshotters_spread_their_snapshots(ext_dir: Path, snapshotter: type) -> None:
+    opened = await snapshotter.open(ext_dir / "sn")
+    try:
+        assert has_topdir_flag(ext_dir / "sn" / "snapshots")
+    finally:
+        await opened.aclose()
+
