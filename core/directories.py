@@ -41,8 +41,8 @@ def spread_subdirectories(path: Path) -> bool:
         os.close(fd)
 
 
-def make_spread_directory(path: Path, mode: int = 0o711) -> None:
-    """Create directory ``path`` (and its parents) if missing, and mark it with
+def make_spread_directory(path: Path, mode: int = 0o777) -> None:
+    """Create directory ``path`` (and its parents; ``mode`` less the umask) if missing, and mark it with
     :func:`spread_subdirectories`. Blocking. Raises: OSError when it cannot be created."""
     path.mkdir(mode=mode, parents=True, exist_ok=True)
     spread_subdirectories(path)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from berth.core.directories import make_spread_directory, spread_subdirectories
+from berth.plugins.content.local.store import LocalStore
 from berth.snapshotters.native.native import NativeSnapshotter
 from berth.snapshotters.overlayfs.overlayfs import OverlaySnapshotter
 
@@ -77,6 +78,11 @@ def test_where_the_flag_does_not_exist_nothing_fails(tmp_path: Path) -> None:
 def test_a_missing_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         spread_subdirectories(tmp_path / "missing")
+
+
+def test_the_content_store_spreads_its_ingests(ext_dir: Path) -> None:
+    LocalStore(ext_dir / "content")
+    assert has_topdir_flag(ext_dir / "content" / "ingest")
 
 
 @pytest.mark.parametrize("snapshotter", [OverlaySnapshotter, NativeSnapshotter])

@@ -339,8 +339,8 @@ class TaskService:
             return
 
         def make() -> None:
-            make_spread_directory(self.root / namespace, 0o755)
-            make_spread_directory(self.state / namespace, 0o755)
+            make_spread_directory(self.root / namespace)
+            make_spread_directory(self.state / namespace)
             for runtime in self.runtimes.values():
                 make_spread_directory(Path(runtime.root) / namespace, 0o700)
 

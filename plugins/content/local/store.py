@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import trio
 
 from berth.core.content import Info, Status, new_hasher, validate_digest
+from berth.core.directories import make_spread_directory
 from berth.core.errdefs import (
     AlreadyExists,
     FailedPrecondition,
@@ -100,7 +101,7 @@ class LocalStore:
         self.labels = labels
         self._locks: dict[str, float] = {}
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
-        (self.root / "ingest").mkdir(parents=True, exist_ok=True)
+        make_spread_directory(self.root / "ingest")  # one directory per ingest; its data becomes the blob
 
     # ---------------------------------------------------------------- paths
 
