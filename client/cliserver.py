@@ -7,8 +7,8 @@ stdin, stdout and stderr as file descriptors (``SCM_RIGHTS``). The server forks;
 descriptors as its own 0, 1 and 2, takes the directory and environment, runs
 :func:`berth.client.cli.main` and sends back the exit status. So the command runs exactly as it would
 in a fresh process (same terminal, same pipes, same variables), but with every module already imported.
-Signals the launcher receives (SIGINT, SIGTERM, SIGHUP) are forwarded to the child; if the launcher
-goes away, the child gets SIGHUP.
+Signals the launcher receives (SIGINT, SIGTERM, SIGHUP, SIGWINCH) are forwarded to the child; if the
+launcher goes away, the child gets SIGHUP.
 
 Wire format (all integers big-endian): the launcher sends ``u32 length`` then ``length`` bytes of
 NUL-separated fields ``b"berth-cli-1", cwd, argc, argv..., env...`` with the three descriptors attached;
@@ -20,10 +20,10 @@ The socket lives in a directory only the user can enter (``$XDG_RUNTIME_DIR/bert
 ``/tmp/berth-cli-<uid>``, mode 0700, checked by both sides), and the server serves only peers with its
 own uid (``SO_PEERCRED``). One server serves a socket: it holds ``cli.lock`` beside it (a server started
 while another holds the lock waits a moment for it, then leaves). It exits after ``--idle`` seconds
-without a command (default 600), when its code changed, or within seconds of its socket being removed or
-replaced; on the way out it answers ``R`` to every launcher still waiting in its backlog, so none is
-left without an answer. Its PID is in ``cli.pid`` beside the socket. ``BERTH_CLI_SERVER=0`` makes the
-launcher never use or start one.
+without a command (default 600), at the first command after its code changed, or within seconds of its
+socket being removed or replaced; on the way out it answers ``R`` to every launcher still waiting in its
+backlog, so none is left without an answer. Its PID is in ``cli.pid`` beside the socket.
+``BERTH_CLI_SERVER=0`` makes the launcher never use or start one.
 
 Run: ``python -m berth.client.cliserver [--idle SECONDS] [--foreground] SOCKET``.
 """
@@ -146,19 +146,25 @@ class _SignalForwarder:
         self._on_io(signal.SIGIO, None)  # what arrived before the connection raised SIGIO
 
     def _on_io(self, signum: int, frame: object) -> None:
+        # Read everything queued first: SIGIO is not raised again for what is already there, and a
+        # signal's handler (KeyboardInterrupt) may raise as soon as this one returns.
+        signals = []
         while not self.gone:
             try:
                 message = self.conn.recv(2, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return
+                break
             except OSError:
                 message = b""
             if len(message) == 2 and message[:1] == b"S":
-                os.kill(os.getpid(), message[1])
+                signals.append(message[1])
                 continue
             self.gone = True
             if not self.answered:
-                os.kill(os.getpid(), signal.SIGHUP)
+                signals.append(signal.SIGHUP)
+        for number in signals:
+            with contextlib.suppress(OSError, ValueError):  # not a signal number: nothing to pass on
+                os.kill(os.getpid(), number)
 
 
 def _exit_with_signal_status(signum: int, frame: object) -> None:
@@ -210,6 +216,10 @@ def _run_child(conn: socket.socket, fields: list[bytes], fds: list[int]) -> None
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(BrokenPipeError, ValueError):
                 stream.flush()
+    except SystemExit as exit_:  # a forwarded SIGTERM or SIGHUP outside the command's own code
+        status = exit_.code if isinstance(exit_.code, int) else 1
+    except KeyboardInterrupt:
+        status = 130
     except BaseException as err:  # whatever happens, the launcher must get a status
         with contextlib.suppress(OSError):
             os.write(2, f"berth: {type(err).__name__}: {err}\n".encode())
@@ -273,8 +283,9 @@ def _hand_back_waiting(listener: socket.socket) -> None:
 
 def serve(path: str, *, idle: float = 600.0) -> None:
     """Listen on ``path`` and run commands until idle for ``idle`` seconds, the socket is removed or
-    replaced, or the code changes; return at once if another server holds the lock. Raises
-    PermissionError when the socket's directory is not private."""
+    replaced, or a command finds the code changed; return if another server keeps the lock (after
+    waiting ``_LOCK_WAIT`` seconds for it). Raises PermissionError when the socket's directory is not
+    private."""
     _warm_up()
     _private_directory(path)
     lock = _take_lock(path)
@@ -322,7 +333,14 @@ def serve(path: str, *, idle: float = 600.0) -> None:
                         os.close(fd)
                     conn.sendall(b"R")
                     return
-                if os.fork() == 0:
+                try:
+                    child = os.fork()
+                except OSError:  # no process to spare: the launcher runs the command itself
+                    for fd in fds:
+                        os.close(fd)
+                    conn.sendall(b"R")
+                    continue
+                if child == 0:
                     try:  # the child leaves only through os._exit: it never runs the server's clean-up
                         listener.close()
                         os.close(lock)  # a long command must not keep the next server out

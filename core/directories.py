@@ -18,24 +18,26 @@ from pathlib import Path
 
 __all__ = ["make_spread_directory", "spread_subdirectories"]
 
-_FS_IOC_GETFLAGS = 0x80086601  # <linux/fs.h>, for a long on 64-bit machines
-_FS_IOC_SETFLAGS = 0x40086602
+# <linux/fs.h>: _IOR('f', 1, long) and _IOW('f', 2, long); the kernel reads and writes an int there.
+_FS_IOC_GETFLAGS = (2 << 30) | (struct.calcsize("l") << 16) | (ord("f") << 8) | 1
+_FS_IOC_SETFLAGS = (1 << 30) | (struct.calcsize("l") << 16) | (ord("f") << 8) | 2
 _FS_TOPDIR_FL = 0x00020000
 
 
 def spread_subdirectories(path: Path) -> bool:
     """Set ``FS_TOPDIR_FL`` on directory ``path``. Blocking (an open and one or two ioctls).
 
-    Returns whether the flag is set; False where the file system does not have it (it is a hint).
+    Returns whether the flag is set; False where it cannot be (a file system without such flags, or
+    one that refuses them here): it is a hint, and nothing depends on it.
     Raises: OSError when ``path`` cannot be opened as a directory.
     """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        flags = struct.unpack("l", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8)))[0]
+        flags = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8))[:4])[0]
         if not flags & _FS_TOPDIR_FL:
-            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("l", flags | _FS_TOPDIR_FL))
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("i", flags | _FS_TOPDIR_FL) + bytes(4))
         return True
-    except OSError:  # ENOTTY, EOPNOTSUPP, EINVAL: no such flags here
+    except OSError:  # ENOTTY, EOPNOTSUPP, EINVAL: no such flags; EPERM, EROFS: not here
         return False
     finally:
         os.close(fd)

@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -274,8 +275,8 @@ def test_sigterm_ends_the_command_with_a_shell_status(berthd: BerthdProcess, ser
 
 
 def test_a_command_that_escapes_never_removes_the_servers_socket(berthd: BerthdProcess, servers: Servers) -> None:
-    """Whatever ends a command's process (here: SystemExit out of the command's code, as a signal arriving
-    after the status was sent would raise), the child exits: it never runs the server's clean-up."""
+    """Whatever ends a command's process (here: SystemExit out of the command's code, as a forwarded
+    signal could raise), the child exits: it never runs the server's clean-up."""
     code = ("import sys; from berth.client import cliserver\n"
             "def escape(*args):\n    raise SystemExit(129)\n"
             "cliserver._run_child = escape\n"
@@ -310,6 +311,7 @@ def test_a_stale_server_answers_every_launcher_waiting_for_it(berthd: BerthdProc
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and servers.waiting() < len(launchers):
             time.sleep(0.05)
+        assert servers.waiting() == len(launchers)  # all four queued on the stopped server
         os.kill(pid, signal.SIGCONT)
         for launcher in launchers:
             out, err = launcher.communicate(timeout=60)
@@ -371,3 +373,23 @@ def test_a_command_whose_launcher_is_killed_ends(berthd: BerthdProcess, servers:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_every_queued_message_is_passed_on_before_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The forwarder reads all that is queued before it signals: a forwarded SIGINT's handler may raise
+    at once, and SIGIO is not raised again for what is already there (here: the launcher's end)."""
+    from berth.client.cliserver import _SignalForwarder
+
+    delivered: list[int] = []
+    monkeypatch.setattr(os, "kill", lambda pid, number: delivered.append(number))
+    previous = signal.getsignal(signal.SIGIO)
+    ours, launchers = socket.socketpair()
+    try:
+        launchers.sendall(b"S\x02S\x1c")  # SIGINT, SIGWINCH
+        launchers.close()  # then the launcher is gone
+        forwarder = _SignalForwarder(ours)
+        assert delivered == [signal.SIGINT, signal.SIGWINCH, signal.SIGHUP]
+        assert forwarder.gone
+    finally:
+        signal.signal(signal.SIGIO, previous)
+        ours.close()

@@ -342,6 +342,7 @@ class TaskService:
             make_spread_directory(self.root / namespace)
             make_spread_directory(self.state / namespace)
             for runtime in self.runtimes.values():
+                Path(runtime.root).mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as runc makes it
                 make_spread_directory(Path(runtime.root) / namespace, 0o700)
 
         await trio.to_thread.run_sync(make)
