@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 # Debian packages berth's code and tests use: the peers the tests drive for real (runc, a registry,
 # skopeo, containerd and podman as drivers of berth-runtime), busybox for test images, htpasswd for the
 # registry's basic auth, libseccomp for seccomp filters, nftables for published ports, a C compiler for
-# the CLI's compiled launcher.
-APT_PACKAGES=(iproute2 procps btrfs-progs libbtrfsutil-dev runc busybox-static docker-registry skopeo
+# the CLI's compiled launcher, lsattr (e2fsprogs) for the tests of the ext4 directory hint.
+APT_PACKAGES=(iproute2 procps e2fsprogs btrfs-progs libbtrfsutil-dev runc busybox-static docker-registry skopeo
               containerd podman umoci libseccomp2 nftables apache2-utils uidmap gcc libc6-dev)
 
 missing=()
