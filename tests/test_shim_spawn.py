@@ -9,7 +9,8 @@ import os
 import pytest
 import trio
 
-from berth.runtimes.shim.cgroupwarm import CgroupWarmUp, own_procs_file
+from berth.runtimes.builtin.cgroups import own_procs_file
+from berth.runtimes.shim.cgroupwarm import CgroupWarmUp
 from berth.runtimes.shim.reaper import Reaper
 
 

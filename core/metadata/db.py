@@ -223,10 +223,10 @@ class MetadataDB:
                 except BaseException:
                     writer.execute("ROLLBACK")
                     raise
+            self._report_changes(writer)
         except BaseException:
             writer.close()
             raise
-        self._report_changes(writer)
         self._writer = writer
         self._readers = [self._connect(readonly=True) for _ in range(self._reader_count)]
 

@@ -150,7 +150,7 @@ class LeaseManager:
     async def delete(self, lease_id: str, *, sync: bool = False, garbage: bool = True) -> None:
         """Delete a lease (its resources lose that hold); with ``sync``, collect garbage before returning.
         ``garbage=False`` is for a caller that knows nothing became garbage (another object holds all the
-        lease held): no collection is scheduled for it.
+        lease held): no collection is scheduled for it (``sync`` still runs one).
 
         Raises: NotFound.
         """

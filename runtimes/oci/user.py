@@ -126,6 +126,13 @@ def read_user_files(root: Path) -> UserFiles:
     return UserFiles(read_in_root(root, "etc/passwd"), read_in_root(root, "etc/group"))
 
 
+def _user_file(root: Path | UserFiles | None, name: str) -> str | None:
+    """The text of ``/etc/<name>`` (``passwd`` or ``group``) of ``root``; None without one."""
+    if isinstance(root, UserFiles):
+        return root.passwd if name == "passwd" else root.group
+    return read_in_root(root, f"etc/{name}") if root else None
+
+
 def _records(text: str | None, fields: int) -> list[list[str]]:
     """``name:...`` lines with at least ``fields`` fields (comments, blanks and short lines skipped)."""
     out = []
@@ -169,15 +176,13 @@ def resolve_user(root: Path | UserFiles | None, user: str) -> ResolvedUser:
     def users() -> list[list[str]]:
         nonlocal passwd
         if passwd is None:
-            text = root.passwd if isinstance(root, UserFiles) else read_in_root(root, "etc/passwd") if root else None
-            passwd = _records(text, 4)
+            passwd = _records(_user_file(root, "passwd"), 4)
         return passwd
 
     def group_records() -> list[list[str]]:
         nonlocal groups
         if groups is None:
-            text = root.group if isinstance(root, UserFiles) else read_in_root(root, "etc/group") if root else None
-            groups = _records(text, 3)
+            groups = _records(_user_file(root, "group"), 3)
         return groups
 
     name_or_uid = parts[0]

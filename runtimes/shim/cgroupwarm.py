@@ -20,7 +20,7 @@ import trio
 
 from berth.runtimes.builtin.cgroups import own_procs_file  # berth-runtime's own warm-up looks it up alike
 
-__all__ = ["CgroupWarmUp", "own_procs_file"]
+__all__ = ["CgroupWarmUp"]
 
 
 class CgroupWarmUp:

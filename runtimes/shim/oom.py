@@ -57,7 +57,7 @@ def _oom_kills(directory: Path, name: str = "memory.events") -> int | None:
 
 @dataclass(eq=False)
 class OOMWatch:
-    """What :func:`watch_oom` watches: ``pid``'s memory cgroup, its version, the registered eventfd (v1;
+    """What :func:`watch_oom` watches: the init's memory cgroup, its version, the registered eventfd (v1;
     owned by the watch, closed by :func:`watch_oom`) and the OOM kills counted so far."""
 
     directory: Path

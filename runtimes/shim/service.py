@@ -367,8 +367,8 @@ class ShimService:
                 created = True
                 task.init.io.close_child_ends()
                 task.init.pid, oom = await trio.to_thread.run_sync(_init_pid_and_oom_watch, pid_file)
-                self.reaper.watch(task.init.pid, lambda code: self._on_exit(task, task.init, code))
                 self.nursery.start_soon(self._watch_oom, task, oom)  # it closes the watch, even if cancelled
+                self.reaper.watch(task.init.pid, lambda code: self._on_exit(task, task.init, code))
                 await task.init.io.start(self.nursery)
                 if args.start:
                     task.init.status = "running"
