@@ -10,26 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from fsflags import EXT_MAGIC, filesystem_type, has_topdir_flag
 
 from berth.core.directories import make_spread_directory, spread_subdirectories
 from berth.plugins.content.local.store import LocalStore
 from berth.snapshotters.native.native import NativeSnapshotter
 from berth.snapshotters.overlayfs.overlayfs import OverlaySnapshotter
 
-EXT_MAGIC = 0xEF53  # ext2, ext3 and ext4 (statfs f_type)
-
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts and the flag need root")
-
-
-def filesystem_type(path: Path) -> int:
-    return int(subprocess.run(["stat", "-f", "-c", "%t", str(path)], capture_output=True, text=True,
-                              check=True).stdout, 16)
-
-
-def has_topdir_flag(path: Path) -> bool:
-    """``lsattr -d``: the flags column shows ``T`` for FS_TOPDIR_FL."""
-    listed = subprocess.run(["lsattr", "-d", str(path)], capture_output=True, text=True, check=True).stdout
-    return "T" in listed.split()[0]
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 from conftest import IMAGE, BerthdProcess
+from fsflags import EXT_MAGIC, filesystem_type, has_topdir_flag
 from polling import TaskEvents, wait_for
-from test_directories import EXT_MAGIC, filesystem_type, has_topdir_flag
 
 from berth.client.sync import Client
 from berth.conformance.runtime import RuntimeTarget, Session
@@ -397,8 +397,10 @@ def test_kill_and_wait(tasks: Tasks) -> None:
     tasks.call("tasks.kill", host, signal=9)
     assert tasks.wait(host) == 137
     # a trap is honoured
-    trapped = tasks.task("trap", ["sh", "-c", "trap 'exit 42' TERM; while true; do sleep 0.05; done"])
-    time.sleep(0.2)
+    trapped = tasks.task("trap", ["sh", "-c",
+                                  "trap 'exit 42' TERM; touch /tmp/trapped; while true; do sleep 0.05; done"])
+    trapped_pid = tasks.call("tasks.get", trapped)["task"]["pid"]
+    wait_for(lambda: Path(f"/proc/{trapped_pid}/root/tmp/trapped").exists(), what="the trap to be set")
     tasks.call("tasks.kill", trapped, signal=15)
     assert tasks.wait(trapped) == 42
 
@@ -440,8 +442,6 @@ def test_lifecycle_errors(tasks: Tasks) -> None:
     tasks.call("tasks.kill", cid, signal=15)
     with pytest.raises(FailedPrecondition):
         tasks.call("tasks.delete", cid)  # pid 1 ignores SIGTERM: still running
-    with pytest.raises(FailedPrecondition):
-        tasks.call("tasks.delete", cid)
     with pytest.raises(FailedPrecondition):
         tasks.client.call("containers.delete", {"id": cid, "snapshot_cleanup": True})
     with pytest.raises(NotFound):

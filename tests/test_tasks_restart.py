@@ -271,10 +271,12 @@ def test_creates_racing_the_idle_shutdown(berthd_factory: BerthdFactory, archive
 def test_five_running_two_exit_while_the_daemon_is_down(node: Node) -> None:
     """The issue's scenario: 5 running, SIGKILL berthd, 2 exit meanwhile, restart: all 5 listed, the 2
     exits with their real codes, the other 3 still running and attachable."""
-    pids = {f"five{i}": node.run_detached(f"five{i}", "sh", "-c", f"sleep {1 if i < 2 else 300}; exit {10 + i}")
+    gate = "while [ ! -e /proc/1/root/tmp/go ]; do sleep 0.05; done"
+    pids = {f"five{i}": node.run_detached(f"five{i}", "sh", "-c", f"{gate}; exit {10 + i}" if i < 2 else "sleep 300")
             for i in range(5)}
     node.daemon.stop(signal.SIGKILL)
     for i in (0, 1):  # they exit (10 and 11) while no daemon runs
+        Path(f"/proc/{pids[f'five{i}']}/root/tmp/go").touch()
         wait_for(lambda i=i: not alive(pids[f"five{i}"]), what=f"five{i} to exit")
     node.restart()
     with node.client() as client:

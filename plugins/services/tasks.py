@@ -334,7 +334,8 @@ class TaskService:
         """Create, once per namespace and daemon run, the directories holding one directory per container
         of ``namespace``: container directories, bundles and each runtime's state. They are marked
         with ``FS_TOPDIR_FL`` (:mod:`berth.core.directories`: container churn must not slow inode
-        allocation down). Raises: OSError when one cannot be made."""
+        allocation down). A directory removed while the daemon runs is made again by whoever needs it,
+        without the mark, until the next run. Raises: OSError when one cannot be made."""
         if namespace in self._namespace_dirs:
             return
 
@@ -871,10 +872,13 @@ class TaskService:
 
     async def _mark_lost(self, record: TaskRecord) -> None:
         """The task's shim is gone: kill what is left of the container and report it stopped."""
-        recorded = await trio.to_thread.run_sync(read_exit_record, record.bundle)
-        pid = 0
-        with contextlib.suppress(OSError, ValueError):
-            pid = int((record.bundle / "init.pid").read_text())
+        def read() -> tuple[tuple[int, float] | None, int]:
+            pid = 0
+            with contextlib.suppress(OSError, ValueError):
+                pid = int((record.bundle / "init.pid").read_text())
+            return read_exit_record(record.bundle), pid
+
+        recorded, pid = await trio.to_thread.run_sync(read)
         await self._runtime_force_delete(record)
         exit_status, exited_at = recorded if recorded is not None else (UNKNOWN_EXIT, time.time())
         record.lost = {"pid": pid, "exit_status": exit_status, "exited_at": exited_at}
